@@ -1,0 +1,82 @@
+"""X-CoT stage 3: image tokens conditioned on references, reasoning, subject tokens and prompt, with CFG."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from .errors import InputError
+from .prompting import PromptSequence, batch_prefix, build_sequence, check_fits, embed_sequence
+from .sampling import CancelCheck, Modality, ProgressCallback, SamplingSettings, sample_tokens
+from .xcot import Grounding
+
+
+@dataclass
+class GenerationResult:
+    images: torch.Tensor  # [B, H, W, 3] float32 0..1
+    tokens: torch.Tensor  # [B, num_image_tokens] long
+    logprobs: torch.Tensor | None  # [B, num_image_tokens] fp32, when asked for
+    seeds: list[int]  # image i was drawn with seeds[i]
+    reasoning: str | None  # the reasoning the images were conditioned on
+
+    def pil_images(self) -> list[Image.Image]:
+        array = (self.images.clamp(0, 1).numpy() * 255.0 + 0.5).astype("uint8")
+        return [Image.fromarray(image) for image in array]
+
+
+def generation_sequence(mm, prompt: str, grounding: Grounding | None = None, reasoning: str | None = None) -> PromptSequence:
+    """The stage-3 sequence; `reasoning` overrides the grounding's own (a user's edit), "" drops it."""
+    if grounding is None:
+        return build_sequence(mm, prompt, reasoning=reasoning)
+    return build_sequence(
+        mm,
+        prompt,
+        grounding.references,
+        reasoning=grounding.reasoning if reasoning is None else reasoning,
+        subject_tokens=grounding.subject_tokens,
+    )
+
+
+@torch.no_grad()
+def generate(
+    mm,
+    prompt: str,
+    grounding: Grounding | None = None,
+    reasoning: str | None = None,
+    num_images: int = 1,
+    settings: SamplingSettings = SamplingSettings(),
+    seed: int = 0,
+    use_cache: bool = True,
+    return_logprobs: bool = False,
+    progress: ProgressCallback | None = None,
+    cancel: CancelCheck | None = None,
+) -> GenerationResult:
+    """`num_images` images for one prompt; image i uses seed + i. Without grounding: plain text-to-image."""
+    if num_images < 1:
+        raise InputError(f"num_images must be at least 1, got {num_images}.")
+    sequence = generation_sequence(mm, prompt, grounding, reasoning)
+    check_fits(mm, sequence, mm.num_image_tokens)
+    conditional = embed_sequence(mm, sequence)
+    unconditional = embed_sequence(mm, sequence, unconditional=True) if settings.guided else None
+    sampled = sample_tokens(
+        mm,
+        batch_prefix(mm, [conditional] * num_images),
+        Modality.image(mm),
+        mm.num_image_tokens,
+        settings,
+        seed,
+        unconditional=batch_prefix(mm, [unconditional] * num_images) if settings.guided else None,
+        use_cache=use_cache,
+        return_logprobs=return_logprobs,
+        progress=progress,
+        cancel=cancel,
+    )
+    return GenerationResult(
+        images=mm.decode_image_tokens(sampled.tokens),
+        tokens=sampled.tokens.cpu(),
+        logprobs=None if sampled.logprobs is None else sampled.logprobs.cpu(),
+        seeds=[seed + index for index in range(num_images)],
+        reasoning=None if grounding is None and not reasoning else (grounding.reasoning if reasoning is None else reasoning),
+    )

@@ -1,0 +1,99 @@
+"""Image and mask conversions shared by the CLI, the nodes and the trainer.
+
+Conventions: a PIL image is the exchange format inside mmr1; tensors follow ComfyUI (IMAGE [B,H,W,3] float32
+0..1, MASK [B,H,W] or [H,W] float 0..1). Every conversion of user input validates and says what is wrong.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import InputError
+
+BACKGROUND_GREY = (127, 127, 127)  # Janus' letterbox colour
+
+
+def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
+    """Any PIL mode as 8-bit RGB: alpha composited on grey, 16/32-bit and float scaled, palettes expanded."""
+    if image.width == 0 or image.height == 0:
+        raise InputError(f"{name} is empty ({image.width}x{image.height} pixels).")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        peak = 1.0 if image.mode == "F" else (65535.0 if values.max(initial=0) > 255 else 255.0)
+        return Image.fromarray(np.clip(values / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        background = Image.new("RGBA", image.size, BACKGROUND_GREY + (255,))
+        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def tensor_to_pil(image: torch.Tensor, name: str = "image") -> Image.Image:
+    """[H,W,C] float 0..1 (C = 1, 3 or 4) as RGB."""
+    if image.ndim != 3 or image.shape[-1] not in (1, 3, 4) or image.shape[0] == 0 or image.shape[1] == 0:
+        raise InputError(f"{name} must be [H,W,C] with C of 1, 3 or 4, got shape {list(image.shape)}.")
+    array = (image.detach().float().clamp(0, 1).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
+    mode = {1: "L", 3: "RGB", 4: "RGBA"}[array.shape[-1]]
+    return to_rgb(Image.fromarray(array[..., 0] if mode == "L" else array, mode), name)
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB image as [H,W,3] float32 0..1."""
+    return torch.from_numpy(np.asarray(to_rgb(image), dtype=np.float32) / 255.0)
+
+
+def image_batch_to_pils(images: torch.Tensor, name: str = "images") -> list[Image.Image]:
+    """A ComfyUI IMAGE batch [B,H,W,C] (or one [H,W,C] image) as a list of RGB images."""
+    if images.ndim == 3:
+        images = images.unsqueeze(0)
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise InputError(f"{name} must be an IMAGE batch [B,H,W,C] with B >= 1, got shape {list(images.shape)}.")
+    return [tensor_to_pil(image, f"{name}[{index}]") for index, image in enumerate(images)]
+
+
+def mask_to_array(mask: torch.Tensor | Image.Image | np.ndarray, name: str = "mask") -> np.ndarray:
+    """A mask as a float [H,W] array in 0..1."""
+    if isinstance(mask, Image.Image):
+        array = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
+    else:
+        array = np.asarray(mask.detach().float().cpu() if isinstance(mask, torch.Tensor) else mask, dtype=np.float32)
+    if array.ndim == 3 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 2:
+        raise InputError(f"{name} must be [H,W] (or [1,H,W]), got shape {list(array.shape)}.")
+    return np.clip(array, 0.0, 1.0)
+
+
+def crop_to_mask(image: Image.Image, mask: np.ndarray, margin: float = 0.08, name: str = "mask") -> Image.Image:
+    """The bounding box of the mask (> 0.5) with a relative margin, so the subject fills the reference."""
+    if mask.shape != (image.height, image.width):
+        raise InputError(
+            f"{name} is {mask.shape[1]}x{mask.shape[0]} but its image is {image.width}x{image.height}; "
+            "a mask must have the size of its image."
+        )
+    rows, cols = np.nonzero(mask > 0.5)
+    if rows.size == 0:
+        raise InputError(f"{name} selects nothing (no value above 0.5).")
+    pad_y, pad_x = int(margin * image.height), int(margin * image.width)
+    box = (
+        max(int(cols.min()) - pad_x, 0),
+        max(int(rows.min()) - pad_y, 0),
+        min(int(cols.max()) + 1 + pad_x, image.width),
+        min(int(rows.max()) + 1 + pad_y, image.height),
+    )
+    return image.crop(box)
+
+
+def letterbox(image: Image.Image, size: int) -> torch.Tensor:
+    """[3,size,size] float 0..1: the longest side scaled to `size`, centred on grey, as Janus preprocesses."""
+    image = to_rgb(image)
+    scale = size / max(image.width, image.height)
+    resized = image.resize(
+        (max(round(image.width * scale), 1), max(round(image.height * scale), 1)), Image.Resampling.BICUBIC
+    )
+    canvas = Image.new("RGB", (size, size), BACKGROUND_GREY)
+    canvas.paste(resized, ((size - resized.width) // 2, (size - resized.height) // 2))
+    return pil_to_tensor(canvas).permute(2, 0, 1)

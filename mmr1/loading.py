@@ -1,0 +1,277 @@
+"""Load a Janus-Pro checkpoint folder onto transformers' Janus classes, from local files only.
+
+Three kinds of folder load through `load_model`:
+- transformers layout (`model_type: janus`, deepseek-community/Janus-Pro-*): `from_pretrained`;
+- original DeepSeek layout (`model_type: multi_modality`, deepseek-ai/Janus-Pro-*): config and weights are
+  converted in memory by `mmr1.deepseek_layout`;
+- a LoRA adapter written by training/ (`adapter_config.json` naming its base folder): the base is loaded as
+  above, then the adapter is merged with peft.
+Nothing here touches the network, trusts remote code or unpickles arbitrary objects: safetensors, or `.bin`
+only through `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import InputError, ModelFolderError
+from .model import MMR1Model
+from .tokens import PAD, PROCESSOR_EXTRA_SPECIAL_TOKENS, SpecialTokens
+
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+LAYOUT_HELP = (
+    "Expected a folder with config.json (model_type 'janus' as deepseek-community/Janus-Pro-1B, or "
+    "'multi_modality' as deepseek-ai/Janus-Pro-1B), the weights (*.safetensors, or pytorch_model*.bin), "
+    "tokenizer.json with tokenizer_config.json, and the processor files (preprocessor_config.json or "
+    "processor_config.json); or a LoRA adapter folder (adapter_config.json, adapter_model.safetensors)."
+)
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """'auto' is bf16 on GPUs that support it (fp16 on older ones) and fp32 on the CPU, where half is slow."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise InputError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
+    if dtype != "auto":
+        return _TORCH_DTYPES[dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(
+    folder: str | os.PathLike,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device | None = None,
+    attn_implementation: str = "sdpa",
+) -> MMR1Model:
+    """Load the model, processor and special-token ids of a checkpoint folder in any supported layout."""
+    device = torch.device(device) if device is not None else default_device()
+    torch_dtype = resolve_dtype(dtype, device)
+    if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise InputError(
+            f"Unknown attention implementation {attn_implementation!r}; choose one of "
+            f"{', '.join(ATTENTION_IMPLEMENTATIONS)}."
+        )
+    path = _check_folder(folder)
+    if (path / "adapter_config.json").is_file():
+        return _load_lora(path, torch_dtype, device, attn_implementation)
+    layout = detect_layout(path)
+    _require_files(path)
+    processor = load_processor(path)
+    tokens = SpecialTokens.from_tokenizer(processor.tokenizer, str(path))
+    model = _load_janus(path, layout, tokens, torch_dtype, attn_implementation)
+    return MMR1Model(model.to(device).eval(), processor, tokens, path, layout)
+
+
+def _check_folder(folder: str | os.PathLike) -> Path:
+    path = Path(folder).expanduser()
+    if not path.exists():
+        raise ModelFolderError(f"Model folder {path} does not exist. {LAYOUT_HELP}")
+    if not path.is_dir():
+        raise ModelFolderError(f"{path} is a file, not a model folder. {LAYOUT_HELP}")
+    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        raise ModelFolderError(f"{path} has no config.json. {LAYOUT_HELP}")
+    return path
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelFolderError(f"{path} is not readable JSON ({error}).") from error
+
+
+def detect_layout(folder: Path) -> str:
+    """'hf' or 'deepseek' from config.json's model_type; anything else is another architecture."""
+    model_type = read_json(folder / "config.json").get("model_type")
+    if model_type == "janus":
+        return "hf"
+    if model_type == "multi_modality":
+        return "deepseek"
+    raise ModelFolderError(
+        f"{folder} holds a model of type {model_type!r}, not a Janus checkpoint "
+        f"(model_type 'janus' or 'multi_modality'). {LAYOUT_HELP}"
+    )
+
+
+def _require_files(folder: Path) -> None:
+    missing = []
+    if not any((folder / name).is_file() for name in _WEIGHT_FILES):
+        missing.append(" or ".join(_WEIGHT_FILES))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if not (folder / name).is_file():
+            missing.append(name)
+    if not any((folder / name).is_file() for name in ("preprocessor_config.json", "processor_config.json")):
+        missing.append("preprocessor_config.json or processor_config.json")
+    if missing:
+        raise ModelFolderError(f"{folder} is missing: {'; '.join(missing)}. {LAYOUT_HELP}")
+
+
+def _load_janus(folder: Path, layout: str, tokens: SpecialTokens, dtype: torch.dtype, attn_implementation: str):
+    from transformers import JanusForConditionalGeneration
+
+    kwargs = {"attn_implementation": attn_implementation, _dtype_kwarg(): dtype}
+    try:
+        if layout == "hf":
+            model, info = JanusForConditionalGeneration.from_pretrained(
+                folder, local_files_only=True, output_loading_info=True, **kwargs
+            )
+        else:
+            from .deepseek_layout import convert_deepseek_state_dict, janus_config_from_deepseek
+
+            config = janus_config_from_deepseek(
+                read_json(folder / "config.json"),
+                pad_token_id=tokens.pad,
+                bos_token_id=tokens.bos,
+                eos_token_id=tokens.eos,
+                image_token_id=tokens.image_placeholder,
+            )
+            state_dict = convert_deepseek_state_dict(read_state_dict(folder))
+            model, info = JanusForConditionalGeneration.from_pretrained(
+                None, config=config, state_dict=state_dict, output_loading_info=True, **kwargs
+            )
+    except ModelFolderError:
+        raise
+    except (RuntimeError, ValueError, OSError, KeyError) as error:
+        raise ModelFolderError(f"Could not load the weights in {folder}: {_first_line(error)}") from error
+    problems = {name: sorted(info.get(name) or []) for name in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(problems.values()):
+        details = "; ".join(f"{name.replace('_', ' ')}: {_preview(keys)}" for name, keys in problems.items() if keys)
+        raise ModelFolderError(f"The weights in {folder} do not match its config.json ({details}).")
+    return model
+
+
+def _dtype_kwarg() -> str:
+    """transformers 5 calls it `dtype`; 4.x (from 4.52, the first with Janus) `torch_dtype`."""
+    import transformers
+
+    return "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+
+
+def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a folder's weight files (single or sharded), safetensors first, pickles only as weights."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    for index_name, single_name in (
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ):
+        if (folder / index_name).is_file():
+            shard_names = sorted(set(read_json(folder / index_name).get("weight_map", {}).values()))
+            files = [folder / name for name in shard_names]
+        elif (folder / single_name).is_file():
+            files = [folder / single_name]
+        else:
+            continue
+        state_dict: dict[str, torch.Tensor] = {}
+        for file in files:
+            if not file.is_file():
+                raise ModelFolderError(f"{folder} lists the weight shard {file.name}, which is missing.")
+            try:
+                if file.suffix == ".safetensors":
+                    state_dict.update(load_file(str(file)))
+                else:
+                    state_dict.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+            except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as error:
+                raise ModelFolderError(f"{file} is corrupt or not a weights file ({_first_line(error)}).") from error
+        return state_dict
+    raise ModelFolderError(f"{folder} has no weights ({' or '.join(_WEIGHT_FILES)}). {LAYOUT_HELP}")
+
+
+def load_tokenizer(folder: Path):
+    """tokenizer.json as is, with the names JanusProcessor needs; pad is set where the config leaves it null."""
+    from transformers import PreTrainedTokenizerFast
+
+    try:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(
+            folder, local_files_only=True, extra_special_tokens=dict(PROCESSOR_EXTRA_SPECIAL_TOKENS)
+        )
+    except (OSError, ValueError, TypeError) as error:
+        raise ModelFolderError(f"Could not load the tokenizer in {folder}: {_first_line(error)}") from error
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = PAD
+    return tokenizer
+
+
+def load_processor(folder: Path):
+    """JanusProcessor from either layout's processor files, on the image backend that needs no torchvision."""
+    import transformers
+
+    tokenizer = load_tokenizer(folder)
+    image_config = _image_processor_config(folder)
+    image_size = image_config.get("image_size") or image_config.get("size", {}).get("height", 384)
+    image_processor_class = getattr(transformers, "JanusImageProcessorPil", None) or transformers.JanusImageProcessor
+    image_processor = image_processor_class(
+        size={"height": image_size, "width": image_size},
+        image_mean=image_config.get("image_mean", [0.5, 0.5, 0.5]),
+        image_std=image_config.get("image_std", [0.5, 0.5, 0.5]),
+        min_size=image_config.get("min_size", 14),
+    )
+    num_image_tokens = _processor_config(folder).get("num_image_tokens", 576)
+    return transformers.JanusProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=num_image_tokens
+    )
+
+
+def _processor_config(folder: Path) -> dict:
+    path = folder / "processor_config.json"
+    return read_json(path) if path.is_file() else {}
+
+
+def _image_processor_config(folder: Path) -> dict:
+    """preprocessor_config.json (DeepSeek and transformers 4.x) or the nested block of transformers 5."""
+    path = folder / "preprocessor_config.json"
+    if path.is_file():
+        return read_json(path)
+    return _processor_config(folder).get("image_processor", {})
+
+
+def _load_lora(folder: Path, dtype: torch.dtype, device: torch.device, attn_implementation: str) -> MMR1Model:
+    """A LoRA adapter over its base folder (absolute, or relative to the adapter), merged for inference."""
+    try:
+        from peft import PeftModel
+    except ImportError as error:
+        raise ModelFolderError(
+            f"{folder} is a LoRA adapter; loading it needs the peft package (pip install peft)."
+        ) from error
+    base_name = read_json(folder / "adapter_config.json").get("base_model_name_or_path")
+    if not base_name:
+        raise ModelFolderError(f"{folder}/adapter_config.json does not name its base model folder.")
+    base_path = Path(base_name).expanduser()
+    if not base_path.is_absolute():
+        base_path = (folder / base_path).resolve()
+    if (base_path / "adapter_config.json").is_file():
+        raise ModelFolderError(f"The base of the LoRA adapter {folder} is itself an adapter ({base_path}).")
+    try:
+        base = load_model(base_path, dtype, "cpu", attn_implementation)
+    except ModelFolderError as error:
+        raise ModelFolderError(f"The LoRA adapter {folder} names the base folder {base_path}: {error}") from error
+    try:
+        merged = PeftModel.from_pretrained(base.model, folder, is_trainable=False).merge_and_unload()
+    except (RuntimeError, ValueError, OSError, KeyError) as error:
+        raise ModelFolderError(f"Could not apply the LoRA adapter in {folder}: {_first_line(error)}") from error
+    return MMR1Model(merged.to(device).eval(), base.processor, base.tokens, folder, "lora")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _preview(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")

@@ -1,0 +1,109 @@
+"""`MMR1Model`: a loaded Janus model with its processor, and the few operations mmr1 builds on.
+
+Keeping these operations here (embed text, embed reference images for understanding, VQ-encode and decode image
+tokens, the two output heads) lets the prompt builder, samplers and trainer stay independent of where each piece
+lives inside transformers' `JanusForConditionalGeneration`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .images import letterbox
+from .tokens import SpecialTokens
+
+
+@dataclass
+class MMR1Model:
+    model: "transformers.JanusForConditionalGeneration"  # noqa: F821
+    processor: "transformers.JanusProcessor"  # noqa: F821
+    tokens: SpecialTokens
+    source: Path
+    layout: str  # "hf", "deepseek" or "lora"
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.lm_head.weight.dtype
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def language_model(self) -> torch.nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def image_grid(self) -> int:
+        """Side of the square grid of generated image tokens (24 for Janus-Pro)."""
+        return self.model.config.vq_config.num_patches
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Tokens per generated image (576 for Janus-Pro)."""
+        return self.image_grid**2
+
+    @property
+    def image_size(self) -> int:
+        """Pixel side of generated images: the token grid times the VQ's downsampling (384 for Janus-Pro)."""
+        return self.image_grid * 2 ** (len(self.model.config.vq_config.channel_multiplier) - 1)
+
+    @property
+    def understanding_tokens_per_image(self) -> int:
+        return self.model.config.vision_config.num_image_tokens
+
+    @property
+    def context_length(self) -> int:
+        return self.model.config.text_config.max_position_embeddings
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of a text piece without BOS: the prompt builder places special tokens itself."""
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(ids.to(self.device))
+
+    def embed_image_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Input embeddings of VQ image tokens (generation embeddings through the generation aligner)."""
+        return self.model.prepare_embeddings_for_image_generation(tokens.to(self.device))
+
+    def embed_understanding_images(self, images: list[Image.Image]) -> torch.Tensor:
+        """[N, tokens_per_image, hidden] from the SigLIP encoder and aligner, as Janus does for understanding."""
+        pixel_values = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        features = self.model.model.get_image_features(pixel_values.to(self.device, self.dtype))
+        return getattr(features, "pooler_output", features)
+
+    def image_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.model.model.generation_head(hidden_states)
+
+    def text_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden_states)
+
+    @torch.no_grad()
+    def encode_image_tokens(self, images: list[Image.Image]) -> torch.Tensor:
+        """VQ tokens [N, num_image_tokens] of images letterboxed to `image_size`.
+
+        The nearest code is searched between L2-normalised latents and codes, as the original Janus VQ does;
+        transformers' quantizer skips the normalisation, which picks other codes than decoding assumes.
+        """
+        pixels = torch.stack([letterbox(image, self.image_size) for image in images]).to(self.device, self.dtype)
+        vq = self.model.model.vqmodel
+        latents = vq.quant_conv(vq.encoder(pixels * 2 - 1))
+        latents = F.normalize(latents.permute(0, 2, 3, 1).flatten(1, 2).float(), dim=-1)
+        codebook = F.normalize(vq.quantize.embedding.weight.float(), dim=-1)
+        return (latents @ codebook.T).argmax(dim=-1)
+
+    @torch.no_grad()
+    def decode_image_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Images [N, H, W, 3] float32 in 0..1 (the ComfyUI IMAGE convention) from VQ tokens."""
+        decoded = self.model.decode_image_tokens(tokens.to(self.device))
+        return ((decoded.float().clamp(-1, 1) + 1) / 2).cpu()

@@ -1,0 +1,221 @@
+"""mmr1's autoregressive sampler over input embeddings, for image tokens (with CFG) and for reasoning text.
+
+transformers' `generate(generation_mode="image")` embeds token ids only, so it cannot see reference images; this
+loop takes input embeddings instead. One decoding step is the same for both modalities: run the language model
+over the new positions, apply the head, guide, temper, truncate, sample, embed the sampled token.
+
+The policy is defined as the distribution actually sampled from (guided, tempered, truncated logits), so the
+log-probs returned here and those of `sequence_logprobs` (teacher forcing, what GRPO differentiates) agree.
+Row i of a batch draws from its own generator seeded with `seed + i`, so image i of a batch equals a single run
+with seed `seed + i`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .errors import GenerationCancelled, InputError
+from .prompting import BatchedPrefix
+
+ProgressCallback = Callable[[int, int], None]  # (tokens done, tokens total)
+CancelCheck = Callable[[], bool]
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How logits become tokens. temperature 0 means greedy; top_k 0 and top_p 1 disable truncation."""
+
+    cfg_scale: float = 5.0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.cfg_scale >= 1.0:
+            raise InputError(f"cfg must be at least 1 (1 disables guidance), got {self.cfg_scale}.")
+        if not self.temperature >= 0.0:
+            raise InputError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}.")
+        if self.top_k < 0:
+            raise InputError(f"top_k must be >= 0 (0 disables it), got {self.top_k}.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}.")
+
+    @property
+    def guided(self) -> bool:
+        return self.cfg_scale != 1.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def policy_logprobs(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
+    """Log-probabilities [..., V] (fp32) of the sampled distribution from [2, ..., V] guided or [..., V] logits.
+
+    With guidance the first index of `logits` holds the conditional and the second the unconditional logits.
+    Truncated entries are -inf. Greedy (temperature 0) uses the untempered distribution.
+    """
+    logits = logits.float()
+    if settings.guided:
+        conditional, unconditional = logits[0], logits[1]
+        logits = unconditional + settings.cfg_scale * (conditional - unconditional)
+    if settings.temperature > 0:
+        logits = logits / settings.temperature
+    if settings.top_k and settings.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, settings.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if settings.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens before it already hold top_p of the mass; the first always stays.
+        drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= settings.top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits.log_softmax(dim=-1)
+
+
+def make_generators(seed: int, count: int, device: torch.device) -> list[torch.Generator]:
+    """One generator per row, seeded seed + i: batches reproduce single runs image by image."""
+    generators = []
+    for index in range(count):
+        generator = torch.Generator(device=device)
+        generator.manual_seed((seed + index) % 2**64)
+        generators.append(generator)
+    return generators
+
+
+def draw(logprobs: torch.Tensor, generators: list[torch.Generator], greedy: bool) -> torch.Tensor:
+    """One token per row of [B, V] log-probs, each row from its own generator."""
+    if greedy:
+        return logprobs.argmax(dim=-1)
+    probs = logprobs.exp()
+    return torch.cat([torch.multinomial(probs[row], 1, generator=gen) for row, gen in enumerate(generators)])
+
+
+@dataclass
+class Modality:
+    """What distinguishes image from text decoding: the output head and how a sampled token is embedded."""
+
+    head: Callable[[torch.Tensor], torch.Tensor]
+    embed: Callable[[torch.Tensor], torch.Tensor]
+
+    @classmethod
+    def image(cls, mm) -> "Modality":
+        return cls(mm.image_logits, mm.embed_image_tokens)
+
+    @classmethod
+    def text(cls, mm) -> "Modality":
+        return cls(mm.text_logits, mm.embed_text)
+
+
+@dataclass
+class SampledTokens:
+    tokens: torch.Tensor  # [B, N] long; after a stop token, rows hold the pad id
+    logprobs: torch.Tensor | None  # [B, N] fp32 log-probs of the sampled tokens (0 after a stop)
+    lengths: torch.Tensor  # [B] long, tokens up to and including the stop token
+
+
+def guided_rows(prefix: BatchedPrefix, unconditional: BatchedPrefix | None) -> BatchedPrefix:
+    """Conditional rows first, then their unconditional twins, as one batch for one forward pass."""
+    if unconditional is None:
+        return prefix
+    return BatchedPrefix(
+        torch.cat([prefix.embeds, unconditional.embeds]),
+        torch.cat([prefix.attention_mask, unconditional.attention_mask]),
+        torch.cat([prefix.position_ids, unconditional.position_ids]),
+    )
+
+
+@torch.no_grad()
+def sample_tokens(
+    mm,
+    prefix: BatchedPrefix,
+    modality: Modality,
+    num_tokens: int,
+    settings: SamplingSettings,
+    seed: int,
+    unconditional: BatchedPrefix | None = None,
+    stop_token: int | None = None,
+    pad_token: int = 0,
+    use_cache: bool = True,
+    return_logprobs: bool = False,
+    progress: ProgressCallback | None = None,
+    cancel: CancelCheck | None = None,
+) -> SampledTokens:
+    """Sample `num_tokens` tokens after `prefix` (B rows); with guidance `unconditional` gives the twin rows."""
+    if settings.guided and unconditional is None:
+        raise ValueError("Guided sampling needs the unconditional prefix.")
+    rows = guided_rows(prefix, unconditional if settings.guided else None)
+    batch = prefix.embeds.shape[0]
+    device = rows.embeds.device
+    generators = make_generators(seed, batch, device)
+    tokens = torch.full((batch, num_tokens), pad_token, dtype=torch.long, device=device)
+    logprobs = torch.zeros((batch, num_tokens), dtype=torch.float32, device=device) if return_logprobs else None
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    lengths = torch.full((batch,), num_tokens, dtype=torch.long, device=device)
+
+    step_embeds, attention_mask, position_ids = rows.embeds, rows.attention_mask, rows.position_ids
+    all_embeds, cache = rows.embeds, None
+    for step in range(num_tokens):
+        if cancel is not None and cancel():
+            raise GenerationCancelled("Generation was cancelled.")
+        output = mm.language_model(
+            inputs_embeds=step_embeds if use_cache else all_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids[:, -step_embeds.shape[1] :] if use_cache else position_ids,
+            past_key_values=cache,
+            use_cache=use_cache,
+        )
+        cache = output.past_key_values if use_cache else None
+        logits = modality.head(output.last_hidden_state[:, -1])
+        step_logprobs = policy_logprobs(logits.view(2, batch, -1) if settings.guided else logits, settings)
+        token = draw(step_logprobs, generators, greedy=settings.temperature == 0)
+        token = torch.where(finished, torch.full_like(token, pad_token), token)
+        tokens[:, step] = token
+        if logprobs is not None:
+            chosen = step_logprobs.gather(-1, token.unsqueeze(-1)).squeeze(-1)
+            logprobs[:, step] = torch.where(finished, torch.zeros_like(chosen), chosen)
+        if stop_token is not None:
+            stopped = (token == stop_token) & ~finished
+            lengths = torch.where(stopped, torch.full_like(lengths, step + 1), lengths)
+            finished |= stopped
+        if progress is not None:
+            progress(step + 1, num_tokens)
+        if stop_token is not None and bool(finished.all()):
+            tokens, logprobs = tokens[:, : step + 1], None if logprobs is None else logprobs[:, : step + 1]
+            break
+        step_embeds = modality.embed(token.repeat(2 if settings.guided else 1)).unsqueeze(1).to(rows.embeds.dtype)
+        all_embeds = torch.cat([all_embeds, step_embeds], dim=1)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
+        position_ids = torch.cat([position_ids, position_ids[:, -1:] + 1], dim=1)
+    return SampledTokens(tokens, logprobs, lengths)
+
+
+def sequence_logprobs(
+    mm,
+    prefix: BatchedPrefix,
+    tokens: torch.Tensor,
+    modality: Modality,
+    settings: SamplingSettings,
+    unconditional: BatchedPrefix | None = None,
+) -> torch.Tensor:
+    """Teacher-forced log-probs [B, N] of `tokens` after `prefix` under the sampled policy, in one forward pass.
+
+    Differentiable (no inference mode): GRPO computes new, old and reference log-probs with it.
+    """
+    rows = guided_rows(prefix, unconditional if settings.guided else None)
+    batch, count = tokens.shape
+    repeat = 2 if settings.guided else 1
+    fed = modality.embed(tokens[:, :-1].repeat(repeat, 1)).to(rows.embeds.dtype)
+    embeds = torch.cat([rows.embeds, fed], dim=1)
+    attention_mask = torch.cat([rows.attention_mask, rows.attention_mask.new_ones(rows.embeds.shape[0], count - 1)], 1)
+    steps = torch.arange(1, count, device=rows.position_ids.device)
+    position_ids = torch.cat([rows.position_ids, rows.position_ids[:, -1:] + steps], dim=1)
+    hidden = mm.language_model(
+        inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state[:, -count:]
+    logits = modality.head(hidden)
+    step_logprobs = policy_logprobs(logits.view(2, batch, count, -1) if settings.guided else logits, settings)
+    return step_logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
