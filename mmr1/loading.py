@@ -96,10 +96,13 @@ def read_json(path: Path) -> dict:
 
 def detect_layout(folder: Path) -> str:
     """'hf' or 'deepseek' from config.json's model_type; anything else is another architecture."""
-    model_type = read_json(folder / "config.json").get("model_type")
+    from .deepseek_layout import is_deepseek_config
+
+    config = read_json(folder / "config.json")
+    model_type = config.get("model_type")
     if model_type == "janus":
         return "hf"
-    if model_type == "multi_modality":
+    if is_deepseek_config(config):
         return "deepseek"
     raise ModelFolderError(
         f"{folder} holds a model of type {model_type!r}, not a Janus checkpoint "
@@ -121,6 +124,7 @@ def _require_files(folder: Path) -> None:
 
 
 def _load_janus(folder: Path, layout: str, tokens: SpecialTokens, dtype: torch.dtype, attn_implementation: str):
+    from safetensors import SafetensorError
     from transformers import JanusForConditionalGeneration
 
     kwargs = {"attn_implementation": attn_implementation, _dtype_kwarg(): dtype}
@@ -145,7 +149,7 @@ def _load_janus(folder: Path, layout: str, tokens: SpecialTokens, dtype: torch.d
             )
     except ModelFolderError:
         raise
-    except (RuntimeError, ValueError, OSError, KeyError) as error:
+    except (SafetensorError, RuntimeError, ValueError, OSError, KeyError, EOFError) as error:
         raise ModelFolderError(f"Could not load the weights in {folder}: {_first_line(error)}") from error
     problems = {name: sorted(info.get(name) or []) for name in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if any(problems.values()):
@@ -163,6 +167,8 @@ def _dtype_kwarg() -> str:
 
 def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of a folder's weight files (single or sharded), safetensors first, pickles only as weights."""
+    from pickle import UnpicklingError
+
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -186,7 +192,7 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
                     state_dict.update(load_file(str(file)))
                 else:
                     state_dict.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
-            except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as error:
+            except (SafetensorError, UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as error:
                 raise ModelFolderError(f"{file} is corrupt or not a weights file ({_first_line(error)}).") from error
         return state_dict
     raise ModelFolderError(f"{folder} has no weights ({' or '.join(_WEIGHT_FILES)}). {LAYOUT_HELP}")

@@ -71,7 +71,9 @@ def parse_reward_spec(spec: str) -> tuple[str, Path, float]:
     if not separator:
         raise InputError(f"Reward spec {spec!r} should look like kind=folder[@weight], e.g. clip_t=/models/clip@0.5.")
     if kind not in REWARD_KINDS:
-        raise InputError(f"Reward spec {spec!r} names unknown kind {kind!r}; expected one of {', '.join(REWARD_KINDS)}.")
+        raise InputError(
+            f"Reward spec {spec!r} names unknown kind {kind!r}; expected one of {', '.join(REWARD_KINDS)}."
+        )
     folder, weight = rest, 1.0
     if "@" in rest:
         folder, _, weight_text = rest.rpartition("@")

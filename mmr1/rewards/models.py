@@ -18,20 +18,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
 from PIL import Image
+from safetensors import SafetensorError
 
 from ..errors import InputError, ModelFolderError
+from ..images import to_rgb
 
 
 REWARD_KINDS = ("dino", "dinov2", "clip_i", "clip_t", "pickscore")
 
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 _IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
-_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+_PICKSCORE_PROCESSOR_HINT = (
+    "PickScore's reference code takes its processor and tokenizer from laion/CLIP-ViT-H-14-laion2B-s32B-b79K; "
+    "copy preprocessor_config.json and the tokenizer files from there into the PickScore folder."
+)
 
 
 def _features(output: torch.Tensor | Any) -> torch.Tensor:
@@ -71,13 +80,12 @@ _KIND_SPECS = {
 }
 
 
-def _to_rgb(image: Image.Image, index: int, what: str) -> Image.Image:
-    """Reward models read 8-bit RGB; 16-bit grey images are rescaled first so they do not clip to white."""
-    if not isinstance(image, Image.Image):
-        raise InputError(f"{what}[{index}] is a {type(image).__name__}, expected a PIL image.")
-    if image.mode in _SIXTEEN_BIT_MODES:
-        image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257.0).round().astype(np.uint8))
-    return image if image.mode == "RGB" else image.convert("RGB")
+def _as_rgb(images: Sequence[Image.Image], what: str) -> list[Image.Image]:
+    """Reward models read 8-bit RGB; other modes (alpha, palette, 16-bit, float) go through mmr1's shared rules."""
+    for index, image in enumerate(images):
+        if not isinstance(image, Image.Image):
+            raise InputError(f"{what}[{index}] is a {type(image).__name__}, expected a PIL image.")
+    return [to_rgb(image, f"{what}[{index}]") for index, image in enumerate(images)]
 
 
 def _batches(items: Sequence[Any], batch_size: int) -> list[Sequence[Any]]:
@@ -125,7 +133,7 @@ class RewardModel:
             raise InputError(f"The {self.name} reward got no images to score.")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}.")
-        images = [_to_rgb(image, index, "images") for index, image in enumerate(images)]
+        images = _as_rgb(images, "images")
         with torch.inference_mode():
             scores = self._score(images, references, prompts, batch_size)
         return scores.float().cpu()
@@ -163,7 +171,7 @@ class ImageSimilarityReward(RewardModel):
     ) -> torch.Tensor:
         if not references:
             raise InputError(f"The {self.name} reward compares with reference images, but none were given.")
-        references = [_to_rgb(image, index, "references") for index, image in enumerate(references)]
+        references = _as_rgb(references, "references")
         reference_embeddings = self._encode_images(references, batch_size)  # once, shared by every image
         return (self._encode_images(images, batch_size) @ reference_embeddings.T).mean(dim=1)
 
@@ -176,8 +184,17 @@ class TextAlignmentReward(RewardModel):
 
     needs_prompt = True
 
-    def __init__(self, *args: Any, tokenizer: Any, use_logit_scale: bool, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        name: str,
+        model: torch.nn.Module,
+        image_processor: Any,
+        tokenizer: Any,
+        device: torch.device,
+        dtype: torch.dtype,
+        use_logit_scale: bool,
+    ) -> None:
+        super().__init__(name, model, image_processor, _clip_image_features, device, dtype)
         self.tokenizer = tokenizer
         self.use_logit_scale = use_logit_scale
 
@@ -232,8 +249,10 @@ def _image_processor_class(name: str) -> type:
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
+    if not folder.exists():
+        raise ModelFolderError(f"Reward model folder {folder} does not exist.")
     if not folder.is_dir():
-        raise ModelFolderError(f"Reward model folder {folder} does not exist or is not a folder.")
+        raise ModelFolderError(f"{folder} is a file, not a reward model folder.")
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise ModelFolderError(f"Reward model folder {folder} has no config.json.")
@@ -269,7 +288,7 @@ def load_reward_model(
     if kind not in _KIND_SPECS:
         raise InputError(f"Unknown reward kind {kind!r}; expected one of {', '.join(REWARD_KINDS)}.")
     spec = _KIND_SPECS[kind]
-    folder = Path(folder)
+    folder = Path(folder).expanduser()
     model_type = _read_config(folder).get("model_type")
     if model_type != spec.model_type:
         raise ModelFolderError(
@@ -278,7 +297,10 @@ def load_reward_model(
         )
     missing = _missing_files(folder, spec)
     if missing:
-        raise ModelFolderError(f"Reward model folder {folder} is incomplete for {kind}; missing: {', '.join(missing)}.")
+        hint = f" {_PICKSCORE_PROCESSOR_HINT}" if kind == "pickscore" else ""
+        raise ModelFolderError(
+            f"Reward model folder {folder} is incomplete for {kind}; missing: {', '.join(missing)}.{hint}"
+        )
 
     try:
         image_processor = _image_processor_class(spec.image_processor_class).from_pretrained(
@@ -292,19 +314,12 @@ def load_reward_model(
             if spec.uses_text
             else None
         )
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
         raise ModelFolderError(f"Cannot load the {kind} reward model from {folder}: {error}") from error
 
     device = torch.device(device)
     if spec.uses_text:
         return TextAlignmentReward(
-            kind,
-            model,
-            image_processor,
-            spec.image_features,
-            device,
-            dtype,
-            tokenizer=tokenizer,
-            use_logit_scale=kind == "pickscore",
+            kind, model, image_processor, tokenizer, device, dtype, use_logit_scale=kind == "pickscore"
         )
     return ImageSimilarityReward(kind, model, image_processor, spec.image_features, device, dtype)

@@ -69,8 +69,11 @@ def _build_clip_tokenizer(out_dir: Path) -> Tokenizer:
         show_progress=False,
     )
     tokenizer.train_from_iterator(_TOKENIZER_CORPUS, trainer)
-    tokenizer.post_processor = processors.RobertaProcessing(
-        (_EOS, tokenizer.token_to_id(_EOS)), (_BOS, tokenizer.token_to_id(_BOS)), trim_offsets=False, add_prefix_space=False
+    tokenizer.post_processor = processors.RobertaProcessing(  # <|startoftext|> ... <|endoftext|>, as CLIP
+        (_EOS, tokenizer.token_to_id(_EOS)),
+        (_BOS, tokenizer.token_to_id(_BOS)),
+        trim_offsets=False,
+        add_prefix_space=False,
     )
     tokenizer.save(str(out_dir / "tokenizer.json"))
     _write_json(

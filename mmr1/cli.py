@@ -1,0 +1,249 @@
+"""`python -m mmr1 ground|generate|score|make-tiny`: the whole pipeline from a terminal."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import MMR1Error
+
+DEFAULTS = {"cfg": 5.0, "temperature": 1.0, "ground_temperature": 0.7, "ground_top_p": 0.95, "max_new_tokens": 256}
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="Janus-Pro checkpoint folder (either layout) or LoRA adapter")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda when available)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                        help="auto: bf16 on GPUs that support it, fp32 on CPU")
+    parser.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"), help="attention implementation")
+
+
+def _add_grounding_options(parser: argparse.ArgumentParser, required: bool) -> None:
+    parser.add_argument("--ref", action="append", default=[], required=required, metavar="IMAGE",
+                        help="reference image of the subject (repeat for several)")
+    parser.add_argument("--mask", action="append", default=[], metavar="IMAGE",
+                        help="mask cropping the subject (white = subject): one for all references, or one per --ref")
+    parser.add_argument("--prompt", required=True, help="what to generate, e.g. 'a photo of it on the beach'")
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULTS["max_new_tokens"], help="reasoning length limit")
+    parser.add_argument("--ground-temperature", type=float, default=DEFAULTS["ground_temperature"],
+                        help="temperature of the reasoning text (0: greedy)")
+    parser.add_argument("--ground-top-p", type=float, default=DEFAULTS["ground_top_p"], help="top-p of the reasoning text")
+    parser.add_argument("--subject", default="reference", choices=("reference", "none"),
+                        help="visual intermediate: the first reference as VQ tokens, or none")
+    parser.add_argument("--seed", type=int, default=0, help="seed; image i of a batch uses seed + i")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m mmr1", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    tiny = commands.add_parser("make-tiny", help="write a tiny random Janus checkpoint for tests and trials")
+    tiny.add_argument("out_dir", type=Path)
+    tiny.add_argument("--layout", default="hf", choices=("hf", "deepseek"),
+                      help="hf: transformers layout (deepseek-community); deepseek: original (deepseek-ai)")
+    tiny.add_argument("--seed", type=int, default=0)
+
+    ground = commands.add_parser("ground", help="X-CoT grounding: the reasoning about the subject, as JSON")
+    _add_model_options(ground)
+    _add_grounding_options(ground, required=True)
+    ground.add_argument("--out", type=Path, help="write the grounding JSON here (default: print it)")
+
+    generate = commands.add_parser("generate", help="personalized generation: PNGs plus a JSON record")
+    _add_model_options(generate)
+    _add_grounding_options(generate, required=False)
+    reasoning = generate.add_mutually_exclusive_group()
+    reasoning.add_argument("--reasoning", help="use this (edited) reasoning instead of grounding's own")
+    reasoning.add_argument("--reasoning-file", type=Path, help="read the reasoning from this file")
+    reasoning.add_argument("--no-reasoning", action="store_true", help="condition on the references without reasoning")
+    generate.add_argument("--num-images", type=int, default=1)
+    generate.add_argument("--cfg", type=float, default=DEFAULTS["cfg"], help="classifier-free guidance scale (1: off)")
+    generate.add_argument("--temperature", type=float, default=DEFAULTS["temperature"], help="image token temperature")
+    generate.add_argument("--top-k", type=int, default=0, help="0: off")
+    generate.add_argument("--top-p", type=float, default=1.0, help="1: off")
+    generate.add_argument("--out", type=Path, required=True, help="output folder")
+
+    score = commands.add_parser("score", help="reward scores of images (DINO, CLIP-I, CLIP-T, PickScore)")
+    score.add_argument("--images", nargs="+", required=True, type=Path)
+    score.add_argument("--ref", action="append", default=[], metavar="IMAGE", help="reference images (fidelity rewards)")
+    score.add_argument("--prompt", help="prompt (text-alignment rewards)")
+    score.add_argument("--reward", action="append", required=True, metavar="KIND=FOLDER[@WEIGHT]",
+                       help="e.g. dino=/models/dino-vits16 or clip_t=/models/clip@0.5 (repeat)")
+    score.add_argument("--device", default="cpu")
+    score.add_argument("--out", type=Path, help="write the scores JSON here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except MMR1Error as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _make_tiny(args: argparse.Namespace) -> int:
+    from .tiny import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(args.out_dir, layout=args.layout, seed=args.seed)
+    print(f"wrote a tiny {args.layout}-layout Janus checkpoint to {path}")
+    return 0
+
+
+class _TokenBar:
+    """A tqdm bar fed by the samplers' (done, total) progress callback."""
+
+    def __init__(self, description: str):
+        self.description, self.bar = description, None
+
+    def __call__(self, done: int, total: int) -> None:
+        from tqdm.auto import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc=self.description, unit="tok", leave=False)
+        self.bar.update(done - self.bar.n)
+        if done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _load(args: argparse.Namespace):
+    from .loading import load_model
+
+    return load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn)
+
+
+def _open_images(paths: list[Path], what: str) -> list:
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.load()
+                images.append(image)
+        except (OSError, UnidentifiedImageError) as error:
+            from .errors import InputError
+
+            raise InputError(f"Cannot read {what} {path}: {error}") from error
+    return images
+
+
+def _ground(args: argparse.Namespace, mm):
+    from .xcot import ground
+
+    bar = _TokenBar("grounding")
+    try:
+        return ground(
+            mm,
+            _open_images(args.ref, "reference image"),
+            args.prompt,
+            masks=_open_images(args.mask, "mask") or None,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.ground_temperature,
+            top_p=args.ground_top_p,
+            seed=args.seed,
+            subject_source=args.subject,
+            progress=bar,
+        )
+    finally:
+        bar.close()
+
+
+def grounding_record(grounding) -> dict:
+    return {
+        "prompt": grounding.prompt,
+        "reasoning": grounding.reasoning,
+        "subject": grounding.subject,
+        "scene": grounding.scene,
+        "format_ok": grounding.format_ok,
+        "rewritten_prompt": grounding.rewritten_prompt,
+        "settings": grounding.settings,
+    }
+
+
+def _ground_command(args: argparse.Namespace) -> int:
+    from .metadata import dumps
+
+    record = grounding_record(_ground(args, _load(args)))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(dumps(record) + "\n", encoding="utf-8")
+        print(f"wrote {args.out}")
+    else:
+        print(dumps(record))
+    return 0
+
+
+def _generate_command(args: argparse.Namespace) -> int:
+    from .generation import generate
+    from .metadata import dumps, save_png
+    from .sampling import SamplingSettings
+
+    settings = SamplingSettings(cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    mm = _load(args)
+    grounding = _ground(args, mm) if args.ref else None
+    reasoning = "" if args.no_reasoning else args.reasoning
+    if args.reasoning_file:
+        reasoning = args.reasoning_file.read_text(encoding="utf-8")
+    bar = _TokenBar("image tokens")
+    try:
+        result = generate(mm, args.prompt, grounding, reasoning, args.num_images, settings, args.seed, progress=bar)
+    finally:
+        bar.close()
+    args.out.mkdir(parents=True, exist_ok=True)
+    files = [f"mmr1_seed{seed}.png" for seed in result.seeds]
+    record = {
+        "model": str(mm.source),
+        "prompt": args.prompt,
+        "references": [str(path) for path in args.ref],
+        "masks": [str(path) for path in args.mask],
+        "grounding": None if grounding is None else grounding_record(grounding),
+        "reasoning": result.reasoning,
+        "sampling": settings.to_dict(),
+        "seed": args.seed,
+        "images": [{"file": name, "seed": seed} for name, seed in zip(files, result.seeds)],
+        "dtype": str(mm.dtype).replace("torch.", ""),
+        "device": mm.device.type,
+    }
+    for image, name, seed in zip(result.pil_images(), files, result.seeds):
+        save_png(image, args.out / name, {**record, "image_seed": seed})
+    (args.out / "mmr1_generation.json").write_text(dumps(record) + "\n", encoding="utf-8")
+    print(f"wrote {len(files)} images and mmr1_generation.json to {args.out}")
+    return 0
+
+
+def _score_command(args: argparse.Namespace) -> int:
+    from .metadata import dumps
+    from .rewards import WeightedReward, load_reward_model, parse_reward_spec
+
+    components = []
+    for spec in args.reward:
+        kind, folder, weight = parse_reward_spec(spec)
+        components.append((load_reward_model(kind, folder, device=args.device), weight))
+    images = _open_images(args.images, "image")
+    references = _open_images(args.ref, "reference image") or None
+    breakdown = WeightedReward(components).score(images, references=references, prompts=args.prompt)
+    names = list(breakdown.components)
+    print("\t".join(["image", *names, "total"]))
+    rows = []
+    for index, path in enumerate(args.images):
+        values = {name: float(breakdown.components[name][index]) for name in names}
+        rows.append({"image": str(path), **values, "total": float(breakdown.total[index])})
+        print("\t".join([path.name, *(f"{values[name]:.4f}" for name in names), f"{float(breakdown.total[index]):.4f}"]))
+    if args.out:
+        args.out.write_text(dumps({"prompt": args.prompt, "rewards": args.reward, "scores": rows}) + "\n", encoding="utf-8")
+    return 0
+
+
+_COMMANDS = {
+    "make-tiny": _make_tiny,
+    "ground": _ground_command,
+    "generate": _generate_command,
+    "score": _score_command,
+}

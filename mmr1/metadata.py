@@ -1,0 +1,31 @@
+"""Generation records: the JSON written beside the images and the same text inside each PNG.
+
+Records hold only what determines the output (no timestamps, no timings), so the same command writes
+byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PIL import Image, PngImagePlugin
+
+PNG_TEXT_KEY = "mmr1"
+
+
+def dumps(record: dict) -> str:
+    return json.dumps(record, indent=2, sort_keys=True, ensure_ascii=False)
+
+
+def save_png(image: Image.Image, path: Path, record: dict) -> None:
+    """Write `image` as PNG with `record` as an iTXt chunk under PNG_TEXT_KEY."""
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt(PNG_TEXT_KEY, dumps(record))
+    image.save(path, format="PNG", pnginfo=info)
+
+
+def read_png_record(path: Path) -> dict:
+    """The record a PNG written by `save_png` carries."""
+    with Image.open(path) as image:
+        return json.loads(image.text[PNG_TEXT_KEY])

@@ -1,0 +1,106 @@
+"""The X-CoT sequence builder: layout of the sequence, slots, the unconditional twin, padding, context limit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmr1.errors import InputError
+from mmr1.prompting import (
+    TEXT,
+    UNDERSTANDING,
+    VQ_IMAGE,
+    batch_prefix,
+    build_sequence,
+    check_fits,
+    embed_sequence,
+)
+from mmr1.sampling import Modality, SamplingSettings, sequence_logprobs
+from tests.conftest import subject_image
+
+
+def test_text_to_image_is_janus_own_format(tiny_model):
+    mm = tiny_model
+    sequence = build_sequence(mm, "a red dog")
+    text = mm.tokenizer.decode(sequence.input_ids)
+    assert text == f"{mm.tokenizer.bos_token}<|User|>: a red dog\n\n<|Assistant|>:\n<begin_of_image>"
+    assert sequence.keep_unconditional.tolist() == [True] + [False] * (len(sequence) - 2) + [True]
+
+
+def test_generation_sequence_slots(tiny_model):
+    mm = tiny_model
+    references = [subject_image(), subject_image(colour=(0, 200, 0))]
+    subject_tokens = torch.randint(0, 16, (1, mm.num_image_tokens))
+    sequence = build_sequence(mm, "on the beach", references, reasoning="<think>x</think>", subject_tokens=subject_tokens)
+    kinds = sequence.slot_kinds
+    assert int((kinds == UNDERSTANDING).sum()) == 2 * mm.understanding_tokens_per_image
+    assert int((kinds == VQ_IMAGE).sum()) == mm.num_image_tokens
+    assert sequence.input_ids[0].item() == mm.tokens.bos
+    assert sequence.input_ids[-1].item() == mm.tokens.begin_of_image
+    text = mm.tokenizer.decode(sequence.input_ids[kinds == TEXT])
+    assert "Request: on the beach" in text and "<think>x</think>" in text
+    # Reasoning follows the assistant role; the subject image follows the reasoning; the new image comes last.
+    assert text.index("<|Assistant|>:") < text.index("<think>x</think>")
+    first_vq = int((kinds == VQ_IMAGE).nonzero()[0])
+    last_understanding = int((kinds == UNDERSTANDING).nonzero()[-1])
+    assert last_understanding < first_vq < len(sequence) - 1
+
+
+def test_grounding_sequence_is_a_prefix_of_the_generation_sequence(tiny_model):
+    mm = tiny_model
+    references = [subject_image()]
+    grounding = build_sequence(mm, "on the beach", references, stage="ground")
+    generation = build_sequence(mm, "on the beach", references, reasoning="<think>a</think>")
+    assert torch.equal(generation.input_ids[: len(grounding)], grounding.input_ids)
+    assert mm.tokenizer.decode(grounding.input_ids[-5:]).endswith("<|Assistant|>:")
+
+
+def test_embeddings_fill_slots_and_unconditional_keeps_only_bos_and_boi(tiny_model):
+    mm = tiny_model
+    references = [subject_image()]
+    subject_tokens = torch.randint(0, 16, (1, mm.num_image_tokens))
+    sequence = build_sequence(mm, "on the beach", references, reasoning="r", subject_tokens=subject_tokens)
+    with torch.no_grad():
+        conditional = embed_sequence(mm, sequence)
+        unconditional = embed_sequence(mm, sequence, unconditional=True)
+        features = mm.embed_understanding_images(references)[0]
+        subject = mm.embed_image_tokens(subject_tokens[0])
+        pad = mm.embed_text(torch.tensor([mm.tokens.pad]))[0]
+    torch.testing.assert_close(conditional[sequence.slot_kinds == UNDERSTANDING], features)
+    torch.testing.assert_close(conditional[sequence.slot_kinds == VQ_IMAGE], subject)
+    torch.testing.assert_close(unconditional[1:-1], pad.expand(len(sequence) - 2, -1))
+    torch.testing.assert_close(unconditional[[0, -1]], conditional[[0, -1]])
+
+
+def test_empty_prompt_is_rejected(tiny_model):
+    for prompt in ("", "   \n"):
+        with pytest.raises(InputError, match="empty"):
+            build_sequence(tiny_model, prompt)
+
+
+def test_context_limit(tiny_model):
+    sequence = build_sequence(tiny_model, "word " * tiny_model.context_length)
+    with pytest.raises(InputError, match="context"):
+        check_fits(tiny_model, sequence, tiny_model.num_image_tokens)
+
+
+def test_left_padding_does_not_change_log_probs(tiny_model):
+    """A row padded on the left inside a batch scores its tokens as it does alone (masks and positions)."""
+    mm = tiny_model
+    settings = SamplingSettings(cfg_scale=2.0)
+    short = build_sequence(mm, "a dog")
+    long = build_sequence(mm, "a dog on the beach at night with a wreath")
+    with torch.no_grad():
+        embeds = [embed_sequence(mm, short), embed_sequence(mm, long)]
+        uncond = [embed_sequence(mm, short, True), embed_sequence(mm, long, True)]
+        tokens = torch.randint(0, 64, (2, 12))
+        batched = sequence_logprobs(
+            mm, batch_prefix(mm, embeds), tokens, Modality.image(mm), settings, batch_prefix(mm, uncond)
+        )
+        alone = sequence_logprobs(
+            mm, batch_prefix(mm, embeds[:1]), tokens[:1], Modality.image(mm), settings, batch_prefix(mm, uncond[:1])
+        )
+    prefix = batch_prefix(mm, embeds)
+    assert prefix.attention_mask[0, : len(long) - len(short)].sum() == 0
+    assert prefix.position_ids[0, -1].item() == len(short) - 1
+    torch.testing.assert_close(batched[0], alone[0], atol=1e-4, rtol=0)

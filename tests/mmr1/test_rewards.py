@@ -1,0 +1,402 @@
+"""Tests for mmr1.rewards on tiny random checkpoints built offline (no download, no network)."""
+
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from PIL import Image
+
+from mmr1.errors import InputError, ModelFolderError
+from mmr1.rewards import (
+    REWARD_KINDS,
+    RewardBreakdown,
+    WeightedReward,
+    load_reward_model,
+    make_tiny_reward_checkpoint,
+    parse_reward_spec,
+)
+
+
+REFERENCE_KINDS = ("dino", "dinov2", "clip_i")
+PROMPT_KINDS = ("clip_t", "pickscore")
+HF_MODEL_CLASS = {"dino": "ViTModel", "dinov2": "Dinov2Model"}
+
+
+def _random_image(seed: int, size: tuple[int, int] = (48, 40)) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def _features(output):
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("rewards")
+    clip = make_tiny_reward_checkpoint(root / "clip", "clip_i", seed=0)
+    return {
+        "dino": make_tiny_reward_checkpoint(root / "dino", "dino", seed=0),
+        "dinov2": make_tiny_reward_checkpoint(root / "dinov2", "dinov2", seed=0),
+        "clip_i": clip,
+        "clip_t": clip,
+        "pickscore": clip,
+    }
+
+
+def _refuse_connection(*args, **kwargs):
+    raise AssertionError("a reward loader tried to open a network connection")
+
+
+@pytest.fixture(scope="module")
+def rewards(folders):
+    """Every kind loaded once, with sockets refused (HF_HUB_OFFLINE deliberately left unset)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("HF_HUB_OFFLINE", raising=False)
+        patch.setattr(socket.socket, "connect", _refuse_connection)
+        return {kind: load_reward_model(kind, folders[kind]) for kind in REWARD_KINDS}
+
+
+@pytest.fixture(scope="module")
+def images() -> list[Image.Image]:
+    return [_random_image(seed, size=(40 + 8 * seed, 36 + 4 * seed)) for seed in range(5)]
+
+
+@pytest.fixture(scope="module")
+def references() -> list[Image.Image]:
+    return [_random_image(100), _random_image(101, size=(64, 32))]
+
+
+PROMPTS = ["a photo of a dog", "a red backpack on the beach", "a cat", "a toy in the snow", "a shiny vase"]
+
+
+def _score(reward, images, references, batch_size=16):
+    return reward.score(images, references=references, prompts=PROMPTS[: len(images)], batch_size=batch_size)
+
+
+# --- loading and scoring -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", REWARD_KINDS)
+def test_each_kind_scores_one_float32_per_image(rewards, images, references, kind):
+    reward = rewards[kind]
+    scores = _score(reward, images, references)
+    assert reward.name == kind
+    assert reward.needs_references == (kind in REFERENCE_KINDS)
+    assert reward.needs_prompt == (kind in PROMPT_KINDS)
+    assert scores.shape == (len(images),)
+    assert scores.dtype == torch.float32
+    assert scores.device.type == "cpu"
+    assert torch.isfinite(scores).all()
+
+
+@pytest.mark.parametrize("kind", REWARD_KINDS)
+def test_image_processor_does_not_need_torchvision(rewards, kind):
+    backends = [cls.__name__ for cls in type(rewards[kind].image_processor).__mro__]
+    assert "TorchvisionBackend" not in backends
+
+
+@pytest.mark.parametrize("kind", REFERENCE_KINDS)
+def test_image_identical_to_single_reference_scores_one(rewards, images, kind):
+    scores = rewards[kind].score(images[:2], references=[images[0]])
+    assert scores[0].item() == pytest.approx(1.0, abs=1e-4)
+    assert scores[1].item() < 1.0 - 1e-4
+
+
+@pytest.mark.parametrize("kind", REFERENCE_KINDS)
+def test_subject_fidelity_matches_dreambench_definition(rewards, folders, images, references, kind):
+    reward = rewards[kind]
+    with torch.no_grad():
+        if kind == "clip_i":
+            model = transformers.CLIPModel.from_pretrained(folders[kind]).eval()
+
+            def embed(batch):
+                pixel_values = reward.image_processor(images=batch, return_tensors="pt")["pixel_values"]
+                return _features(model.get_image_features(pixel_values=pixel_values))
+
+        else:
+            model = getattr(transformers, HF_MODEL_CLASS[kind]).from_pretrained(folders[kind]).eval()
+
+            def embed(batch):
+                pixel_values = reward.image_processor(images=batch, return_tensors="pt")["pixel_values"]
+                return model(pixel_values=pixel_values).last_hidden_state[:, 0]
+
+        generated, real = embed(images), embed(references)
+        expected = torch.stack(
+            [torch.stack([F.cosine_similarity(g, r, dim=0) for r in real]).mean() for g in generated]
+        )
+    torch.testing.assert_close(reward.score(images, references=references), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", PROMPT_KINDS)
+def test_text_alignment_matches_reference_definition(rewards, folders, images, kind):
+    reward = rewards[kind]
+    model = transformers.CLIPModel.from_pretrained(folders[kind]).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folders[kind])
+    with torch.no_grad():
+        pixel_values = reward.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        image_embeddings = F.normalize(_features(model.get_image_features(pixel_values=pixel_values)), dim=-1)
+        expected = []
+        for prompt, image_embedding in zip(PROMPTS, image_embeddings):
+            tokens = tokenizer([prompt], return_tensors="pt")
+            text_embedding = F.normalize(_features(model.get_text_features(**tokens)), dim=-1)[0]
+            cosine = text_embedding @ image_embedding
+            expected.append(model.logit_scale.exp() * cosine if kind == "pickscore" else cosine)
+    torch.testing.assert_close(reward.score(images, prompts=PROMPTS), torch.stack(expected), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", REWARD_KINDS)
+def test_scores_do_not_depend_on_batch_size(rewards, images, references, kind):
+    full = _score(rewards[kind], images, references, batch_size=16)
+    for batch_size in (1, 3):
+        torch.testing.assert_close(_score(rewards[kind], images, references, batch_size), full, atol=1e-5, rtol=0)
+
+
+def test_references_are_encoded_once(rewards, images, references, monkeypatch):
+    reward = rewards["dino"]
+    encoded = []
+    original = reward.image_features
+
+    def counting(model, pixel_values):
+        encoded.append(pixel_values.shape[0])
+        return original(model, pixel_values)
+
+    monkeypatch.setattr(reward, "image_features", counting)
+    reward.score(images, references=references, batch_size=2)
+    assert sum(encoded) == len(images) + len(references)
+    assert max(encoded) <= 2
+
+
+@pytest.mark.parametrize("kind", PROMPT_KINDS)
+def test_one_prompt_for_all_images_equals_that_prompt_per_image(rewards, images, kind):
+    reward = rewards[kind]
+    shared = reward.score(images, prompts="a photo of a dog")
+    per_image = reward.score(images, prompts=["a photo of a dog"] * len(images))
+    torch.testing.assert_close(shared, per_image, atol=1e-6, rtol=0)
+    mixed = reward.score(images, prompts=PROMPTS)
+    alone = torch.cat([reward.score([image], prompts=prompt) for image, prompt in zip(images, PROMPTS)])
+    torch.testing.assert_close(mixed, alone, atol=1e-5, rtol=0)
+    assert not torch.allclose(mixed, shared)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "L", "P", "CMYK"])
+def test_non_rgb_images_are_converted(rewards, images, mode):
+    reward = rewards["clip_i"]
+    converted = [image.convert(mode) for image in images[:2]]
+    expected = reward.score([image.convert("RGB") for image in converted], references=[images[0]])
+    torch.testing.assert_close(reward.score(converted, references=[images[0]]), expected, atol=1e-6, rtol=0)
+
+
+def test_sixteen_bit_images_are_rescaled_not_clipped(rewards, images):
+    reward = rewards["dinov2"]
+    grey = np.random.default_rng(7).integers(0, 256, size=(40, 40), dtype=np.uint8)
+    eight_bit = Image.fromarray(grey)
+    sixteen_bit = Image.fromarray(grey.astype(np.uint16) * 257)
+    assert sixteen_bit.mode == "I;16"
+    torch.testing.assert_close(
+        reward.score([sixteen_bit], references=[images[0]]),
+        reward.score([eight_bit], references=[images[0]]),
+        atol=1e-6,
+        rtol=0,
+    )
+
+
+def test_import_does_not_load_image_utils_or_torchvision():
+    check = "import sys, mmr1.rewards; assert not {'torchvision', 'transformers.image_utils'} & set(sys.modules)"
+    subprocess.run([sys.executable, "-c", check], check=True, cwd=Path(__file__).resolve().parents[2])
+
+
+def test_tiny_checkpoint_is_deterministic_in_seed(tmp_path):
+    first = make_tiny_reward_checkpoint(tmp_path / "a", "dino", seed=3)
+    second = make_tiny_reward_checkpoint(tmp_path / "b", "dino", seed=3)
+    other = make_tiny_reward_checkpoint(tmp_path / "c", "dino", seed=4)
+    weights = [(folder / "model.safetensors").read_bytes() for folder in (first, second, other)]
+    assert weights[0] == weights[1] != weights[2]
+
+
+# --- weighted combination ----------------------------------------------------------------------------------------
+
+
+def test_weighted_reward_total_is_weighted_sum_of_components(rewards, images, references):
+    combined = WeightedReward([(rewards["dino"], 0.7), (rewards["clip_t"], 2.0), (rewards["pickscore"], -0.1)])
+    assert combined.needs_references and combined.needs_prompt
+    breakdown = combined.score(images, references=references, prompts="a photo of a dog", batch_size=2)
+    assert isinstance(breakdown, RewardBreakdown)
+    assert set(breakdown.components) == {"dino", "clip_t", "pickscore"}
+    torch.testing.assert_close(
+        breakdown.components["dino"], rewards["dino"].score(images, references=references), atol=1e-5, rtol=0
+    )
+    expected = (
+        0.7 * breakdown.components["dino"]
+        + 2.0 * breakdown.components["clip_t"]
+        - 0.1 * breakdown.components["pickscore"]
+    )
+    torch.testing.assert_close(breakdown.total, expected)
+    assert breakdown.total.shape == (len(images),) and breakdown.total.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "components, message",
+    [
+        ([], "at least one"),
+        ([("dino", 1.0), ("dino", 2.0)], "repeated: dino"),
+        ([("dino", float("nan"))], "finite number"),
+        ([("dino", "1")], "finite number"),
+    ],
+)
+def test_weighted_reward_rejects_bad_components(rewards, components, message):
+    with pytest.raises(InputError, match=message):
+        WeightedReward([(rewards[kind], weight) for kind, weight in components])
+
+
+# --- specs -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("clip_t=/models/clip@0.5", ("clip_t", Path("/models/clip"), 0.5)),
+        ("dino=/models/dino", ("dino", Path("/models/dino"), 1.0)),
+        (" pickscore = /models/pick score @ -2 ", ("pickscore", Path("/models/pick score"), -2.0)),
+        ("dinov2=/models/user@host/dinov2@1e-1", ("dinov2", Path("/models/user@host/dinov2"), 0.1)),
+    ],
+)
+def test_parse_reward_spec(spec, expected):
+    assert parse_reward_spec(spec) == expected
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("clip_t", "kind=folder"),
+        ("clipt=/models/clip", "unknown kind 'clipt'.*dino, dinov2, clip_i, clip_t, pickscore"),
+        ("clip_t=", "no folder"),
+        ("clip_t=@0.5", "no folder"),
+        ("clip_t=/models/clip@", "finite number"),
+        ("clip_t=/models/clip@half", "finite number"),
+        ("clip_t=/models/clip@inf", "finite number"),
+    ],
+)
+def test_parse_reward_spec_rejects_bad_specs(spec, message):
+    with pytest.raises(InputError, match=message):
+        parse_reward_spec(spec)
+
+
+# --- errors ------------------------------------------------------------------------------------------------------
+
+
+def _broken_copy(source: Path, target: Path, *remove: str) -> Path:
+    shutil.copytree(source, target)
+    for name in remove:
+        (target / name).unlink()
+    return target
+
+
+def test_unknown_kind_lists_reward_kinds(folders):
+    with pytest.raises(InputError, match="'clip'.*dino, dinov2, clip_i, clip_t, pickscore"):
+        load_reward_model("clip", folders["clip_i"])
+    with pytest.raises(InputError, match="dino, dinov2"):
+        make_tiny_reward_checkpoint(folders["clip_i"], "clip")
+
+
+def test_missing_folder(tmp_path):
+    folder = tmp_path / "nowhere"
+    with pytest.raises(ModelFolderError, match=f"{re.escape(str(folder))}.*does not exist"):
+        load_reward_model("dino", folder)
+
+
+def test_missing_config(folders, tmp_path):
+    folder = _broken_copy(folders["dino"], tmp_path / "dino", "config.json")
+    with pytest.raises(ModelFolderError, match=f"{re.escape(str(folder))} has no config.json"):
+        load_reward_model("dino", folder)
+
+
+@pytest.mark.parametrize(
+    "kind, folder_kind, found, expected",
+    [("dino", "dinov2", "dinov2", "vit"), ("clip_t", "dino", "vit", "clip"), ("dinov2", "clip_i", "clip", "dinov2")],
+)
+def test_other_architecture_names_found_and_expected_model_type(folders, kind, folder_kind, found, expected):
+    folder = folders[folder_kind]
+    message = f"{re.escape(str(folder))}.*type '{found}'.*{kind} reward expects.*'{expected}'"
+    with pytest.raises(ModelFolderError, match=message):
+        load_reward_model(kind, folder)
+
+
+@pytest.mark.parametrize(
+    "kind, remove, listed",
+    [
+        ("dino", ["preprocessor_config.json"], "preprocessor_config.json"),
+        ("clip_t", ["tokenizer.json"], "tokenizer"),
+        ("pickscore", ["tokenizer.json", "preprocessor_config.json"], "preprocessor_config.json, tokenizer"),
+        ("dinov2", ["model.safetensors"], "model weights"),
+    ],
+)
+def test_missing_files_are_listed(folders, tmp_path, kind, remove, listed):
+    folder = _broken_copy(folders[kind], tmp_path / kind, *remove)
+    message = f"{re.escape(str(folder))} is incomplete for {kind}; missing: {listed}"
+    with pytest.raises(ModelFolderError, match=message):
+        load_reward_model(kind, folder)
+
+
+def test_pickscore_missing_processor_points_to_laion_processor(folders, tmp_path):
+    folder = _broken_copy(folders["pickscore"], tmp_path / "pickscore", "preprocessor_config.json")
+    with pytest.raises(ModelFolderError, match="laion/CLIP-ViT-H-14-laion2B-s32B-b79K"):
+        load_reward_model("pickscore", folder)
+
+
+def test_folder_that_is_a_file(tmp_path):
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(b"")
+    with pytest.raises(ModelFolderError, match=f"{re.escape(str(file))} is a file"):
+        load_reward_model("dinov2", file)
+
+
+def test_corrupt_weights_or_preprocessor(folders, tmp_path):
+    folder = _broken_copy(folders["dino"], tmp_path / "weights")
+    (folder / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelFolderError, match=f"Cannot load the dino reward model from {re.escape(str(folder))}"):
+        load_reward_model("dino", folder)
+    folder = _broken_copy(folders["clip_i"], tmp_path / "preprocessor")
+    (folder / "preprocessor_config.json").write_text('{"size": "large"}')
+    with pytest.raises(ModelFolderError, match=f"Cannot load the clip_i reward model from {re.escape(str(folder))}"):
+        load_reward_model("clip_i", folder)
+
+
+def test_clip_i_loads_without_tokenizer(folders, tmp_path, images):
+    folder = _broken_copy(folders["clip_i"], tmp_path / "clip_i", "tokenizer.json", "tokenizer_config.json")
+    assert load_reward_model("clip_i", folder).score(images[:1], references=images[:1]).shape == (1,)
+
+
+def test_empty_images_list(rewards, references):
+    with pytest.raises(InputError, match="dino reward got no images"):
+        rewards["dino"].score([], references=references)
+
+
+@pytest.mark.parametrize("kind", REFERENCE_KINDS)
+@pytest.mark.parametrize("missing", [None, []])
+def test_reward_needing_references_without_references(rewards, images, kind, missing):
+    with pytest.raises(InputError, match=f"{kind} reward compares with reference images"):
+        rewards[kind].score(images, references=missing)
+
+
+@pytest.mark.parametrize("kind", PROMPT_KINDS)
+def test_reward_needing_prompt_without_prompt(rewards, images, kind):
+    with pytest.raises(InputError, match=f"{kind} reward compares with the prompt"):
+        rewards[kind].score(images)
+    with pytest.raises(InputError, match=f"one per image \\({len(images)}\\), got 2"):
+        rewards[kind].score(images, prompts=PROMPTS[:2])
+
+
+def test_bad_image_and_batch_size(rewards, images, references):
+    with pytest.raises(InputError, match=r"images\[1\] is a ndarray"):
+        rewards["dino"].score([images[0], np.zeros((8, 8, 3))], references=references)
+    with pytest.raises(InputError, match="batch_size"):
+        rewards["dino"].score(images, references=references, batch_size=0)

@@ -1,0 +1,152 @@
+"""The sampler: logits processing, the equivalences the trainer relies on, seeds, progress and cancel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmr1.errors import GenerationCancelled, InputError
+from mmr1.generation import generation_sequence
+from mmr1.prompting import batch_prefix, embed_sequence
+from mmr1.sampling import Modality, SamplingSettings, policy_logprobs, sample_tokens, sequence_logprobs
+
+SETTINGS = [
+    SamplingSettings(),
+    SamplingSettings(cfg_scale=1.0, temperature=0.7),
+    SamplingSettings(cfg_scale=3.0, temperature=0.8, top_k=40, top_p=0.9),
+]
+
+
+def prefixes(mm, prompt="a red square on the beach", rows=1, reasoning=None):
+    sequence = generation_sequence(mm, prompt, reasoning=reasoning)
+    conditional = batch_prefix(mm, [embed_sequence(mm, sequence)] * rows)
+    unconditional = batch_prefix(mm, [embed_sequence(mm, sequence, unconditional=True)] * rows)
+    return conditional, unconditional
+
+
+def sample(mm, settings, seed=0, rows=1, **kwargs):
+    conditional, unconditional = prefixes(mm, rows=rows)
+    return sample_tokens(
+        mm, conditional, Modality.image(mm), mm.num_image_tokens, settings, seed, unconditional=unconditional, **kwargs
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"cfg_scale": 0.5}, {"temperature": -1.0}, {"top_k": -1}, {"top_p": 0.0}, {"top_p": 1.5}],
+)
+def test_settings_reject_out_of_range(kwargs):
+    with pytest.raises(InputError):
+        SamplingSettings(**kwargs)
+
+
+def test_guidance_formula():
+    conditional, unconditional = torch.randn(2, 3, 10).unbind(0)
+    settings = SamplingSettings(cfg_scale=4.0, temperature=0.5)
+    expected = ((unconditional + 4.0 * (conditional - unconditional)) / 0.5).log_softmax(-1)
+    torch.testing.assert_close(policy_logprobs(torch.stack([conditional, unconditional]), settings), expected)
+
+
+def test_top_k_and_top_p_truncate():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = lambda settings: policy_logprobs(logits, settings).isfinite()[0].tolist()  # noqa: E731
+    assert kept(SamplingSettings(cfg_scale=1.0, top_k=2)) == [True, True, False, False]
+    assert kept(SamplingSettings(cfg_scale=1.0, top_p=0.5)) == [True, False, False, False]
+    assert kept(SamplingSettings(cfg_scale=1.0, top_p=0.7)) == [True, True, False, False]
+    assert kept(SamplingSettings(cfg_scale=1.0, top_p=0.96)) == [True, True, True, True]
+    truncated = policy_logprobs(logits, SamplingSettings(cfg_scale=1.0, top_k=2)).exp()
+    torch.testing.assert_close(truncated.sum(), torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=["default", "no-cfg", "truncated"])
+def test_logprobs_equal_teacher_forcing(tiny_model, settings):
+    mm = tiny_model
+    conditional, unconditional = prefixes(mm, rows=2)
+    sampled = sample_tokens(
+        mm, conditional, Modality.image(mm), mm.num_image_tokens, settings, 5, unconditional=unconditional,
+        return_logprobs=True,
+    )
+    with torch.no_grad():
+        forced = sequence_logprobs(mm, conditional, sampled.tokens, Modality.image(mm), settings, unconditional)
+    assert sampled.logprobs.dtype == torch.float32
+    assert torch.isfinite(sampled.logprobs).all()
+    torch.testing.assert_close(forced, sampled.logprobs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("settings", SETTINGS[::2], ids=["default", "truncated"])
+def test_cache_and_no_cache_give_identical_tokens(tiny_model, settings):
+    cached = sample(tiny_model, settings, seed=3, rows=2)
+    uncached = sample(tiny_model, settings, seed=3, rows=2, use_cache=False)
+    assert torch.equal(cached.tokens, uncached.tokens)
+
+
+def test_image_i_of_a_batch_equals_a_single_run_with_seed_plus_i(tiny_model):
+    batch = sample(tiny_model, SamplingSettings(), seed=11, rows=3).tokens
+    for index in range(3):
+        single = sample(tiny_model, SamplingSettings(), seed=11 + index, rows=1).tokens
+        assert torch.equal(batch[index], single[0])
+    assert not torch.equal(batch[0], batch[1])
+
+
+def test_seed_reproducibility(tiny_model):
+    first = sample(tiny_model, SamplingSettings(), seed=7).tokens
+    assert torch.equal(first, sample(tiny_model, SamplingSettings(), seed=7).tokens)
+    assert not torch.equal(first, sample(tiny_model, SamplingSettings(), seed=8).tokens)
+
+
+def test_greedy_ignores_the_seed(tiny_model):
+    greedy = SamplingSettings(temperature=0.0)
+    assert torch.equal(sample(tiny_model, greedy, seed=1).tokens, sample(tiny_model, greedy, seed=2).tokens)
+
+
+def test_progress_is_reported_per_token(tiny_model):
+    calls = []
+    sample(tiny_model, SamplingSettings(), progress=lambda done, total: calls.append((done, total)))
+    total = tiny_model.num_image_tokens
+    assert calls == [(step, total) for step in range(1, total + 1)]
+
+
+def test_cancel_stops_between_tokens(tiny_model):
+    done = []
+    with pytest.raises(GenerationCancelled):
+        sample(
+            tiny_model,
+            SamplingSettings(),
+            progress=lambda step, total: done.append(step),
+            cancel=lambda: len(done) >= 5,
+        )
+    assert len(done) == 5
+
+
+def test_text_sampling_stops_at_the_stop_token(tiny_model):
+    """Rows finish independently at the stop token; later positions hold pad with log-prob 0."""
+    mm = tiny_model
+    stop, pad = mm.tokens.eos, mm.tokens.pad
+    steps = {"count": 0}
+
+    def head(hidden):
+        steps["count"] += 1
+        logits = torch.full((hidden.shape[0], mm.model.config.text_config.vocab_size), -30.0)
+        logits[:, 100] = 0.0
+        if steps["count"] >= 3:
+            logits[0, stop] = 30.0  # row 0 stops at step 3
+        if steps["count"] >= 6:
+            logits[1, stop] = 30.0  # row 1 at step 6
+        return logits
+
+    conditional, _ = prefixes(mm, rows=2)
+    sampled = sample_tokens(
+        mm, conditional, Modality(head, mm.embed_text), 20, SamplingSettings(cfg_scale=1.0), 0,
+        stop_token=stop, pad_token=pad, return_logprobs=True,
+    )
+    assert sampled.tokens.shape == (2, 6)
+    assert sampled.lengths.tolist() == [3, 6]
+    assert sampled.tokens[0].tolist() == [100, 100, stop, pad, pad, pad]
+    assert sampled.tokens[1, 5].item() == stop
+    assert sampled.logprobs[0, 3:].abs().sum().item() == 0.0
+
+
+def test_guided_sampling_needs_the_unconditional_prefix(tiny_model):
+    conditional, _ = prefixes(tiny_model)
+    with pytest.raises(ValueError):
+        sample_tokens(tiny_model, conditional, Modality.image(tiny_model), 4, SamplingSettings(), 0)
