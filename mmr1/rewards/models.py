@@ -257,9 +257,12 @@ def _read_config(folder: Path) -> dict[str, Any]:
     if not config_file.is_file():
         raise ModelFolderError(f"Reward model folder {folder} has no config.json.")
     try:
-        return json.loads(config_file.read_text(encoding="utf-8"))
+        config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ModelFolderError(f"Cannot read {config_file}: {error}") from error
+    if not isinstance(config, dict):
+        raise ModelFolderError(f"{config_file} is not a JSON object.")
+    return config
 
 
 def _missing_files(folder: Path, spec: _KindSpec) -> list[str]:

@@ -58,9 +58,8 @@ def _refuse_connection(*args, **kwargs):
 
 @pytest.fixture(scope="module")
 def rewards(folders):
-    """Every kind loaded once, with sockets refused (HF_HUB_OFFLINE deliberately left unset)."""
+    """Every kind loaded once, with sockets refused: loading must not reach for the Hub, offline mode or not."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.delenv("HF_HUB_OFFLINE", raising=False)
         patch.setattr(socket.socket, "connect", _refuse_connection)
         return {kind: load_reward_model(kind, folders[kind]) for kind in REWARD_KINDS}
 
@@ -316,6 +315,9 @@ def test_missing_folder(tmp_path):
 def test_missing_config(folders, tmp_path):
     folder = _broken_copy(folders["dino"], tmp_path / "dino", "config.json")
     with pytest.raises(ModelFolderError, match=f"{re.escape(str(folder))} has no config.json"):
+        load_reward_model("dino", folder)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ModelFolderError, match=f"Cannot read {re.escape(str(folder / 'config.json'))}"):
         load_reward_model("dino", folder)
 
 
