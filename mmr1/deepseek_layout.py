@@ -438,7 +438,13 @@ def deepseek_config_from_janus(config: JanusConfig) -> dict[str, Any]:
             "num_key_value_heads": text.num_key_value_heads,
             "max_position_embeddings": text.max_position_embeddings,
             "rms_norm_eps": text.rms_norm_eps,
-            "rope_theta": text.rope_parameters["rope_theta"],
+            "rope_theta": _rope_theta(text),
             "hidden_act": text.hidden_act,
         },
     }
+
+
+def _rope_theta(text_config) -> float:
+    """transformers 5 keeps rope_theta in rope_parameters; 4.x as an attribute."""
+    parameters = getattr(text_config, "rope_parameters", None) or {}
+    return parameters.get("rope_theta", getattr(text_config, "rope_theta", 10000.0))

@@ -20,7 +20,7 @@ import torch
 
 from .errors import InputError, ModelFolderError
 from .model import MMR1Model
-from .tokens import PAD, PROCESSOR_EXTRA_SPECIAL_TOKENS, SpecialTokens
+from .tokens import PAD, PROCESSOR_EXTRA_SPECIAL_TOKENS, SpecialTokens, janus_tokenizer_class
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -200,10 +200,8 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
 
 def load_tokenizer(folder: Path):
     """tokenizer.json as is, with the names JanusProcessor needs; pad is set where the config leaves it null."""
-    from transformers import PreTrainedTokenizerFast
-
     try:
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(
+        tokenizer = janus_tokenizer_class().from_pretrained(
             folder, local_files_only=True, extra_special_tokens=dict(PROCESSOR_EXTRA_SPECIAL_TOKENS)
         )
     except (OSError, ValueError, TypeError) as error:

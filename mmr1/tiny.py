@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
-from .tokens import BOS, EOS, JANUS_SPECIAL_TOKENS, PAD, PROCESSOR_EXTRA_SPECIAL_TOKENS
+from .tokens import BOS, EOS, JANUS_SPECIAL_TOKENS, PAD, PROCESSOR_EXTRA_SPECIAL_TOKENS, janus_tokenizer_class
 
 LAYOUTS = ("hf", "deepseek")
 
@@ -56,7 +56,6 @@ class TinySpec:
 def build_tokenizer(vocab_size: int):
     """A byte-level BPE tokenizer (like DeepSeek's) wrapped so that JanusProcessor accepts it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -68,7 +67,7 @@ def build_tokenizer(vocab_size: int):
         show_progress=False,
     )
     backend.train_from_iterator(_TOKENIZER_CORPUS.split("\n"), trainer=trainer)
-    return PreTrainedTokenizerFast(
+    return janus_tokenizer_class()(
         tokenizer_object=backend,
         bos_token=BOS,
         eos_token=EOS,

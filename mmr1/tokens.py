@@ -75,3 +75,15 @@ class SpecialTokens:
                 "it is not a Janus-Pro tokenizer."
             )
         return cls(**{name: vocab[token] for name, token in wanted.items()})
+
+
+def janus_tokenizer_class():
+    """The fast tokenizer class JanusProcessor accepts: any in transformers 5, LlamaTokenizerFast in 4.x.
+
+    In 5.x LlamaTokenizerFast rebuilds its own pre-tokenizer, so the generic class keeps tokenizer.json as is.
+    """
+    import transformers
+
+    if hasattr(transformers, "TokenizersBackend"):
+        return transformers.PreTrainedTokenizerFast
+    return transformers.LlamaTokenizerFast
