@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import MMR1Error
+from .errors import InputError, MMR1Error
 
 DEFAULTS = {"cfg": 5.0, "temperature": 1.0, "ground_temperature": 0.7, "ground_top_p": 0.95, "max_new_tokens": 256}
 
@@ -118,6 +118,20 @@ def _load(args: argparse.Namespace):
     return load_model(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn)
 
 
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"Cannot read the {what} {path}: {error}") from error
+
+
+def _check_output_folder(folder: Path) -> None:
+    """Fail before any model work when the output folder cannot be one."""
+    existing = next((parent for parent in (folder, *folder.parents) if parent.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise InputError(f"Cannot write to {folder}: {existing} is a file, not a folder.")
+
+
 def _open_images(paths: list[Path], what: str) -> list:
     from PIL import Image, UnidentifiedImageError
 
@@ -128,8 +142,6 @@ def _open_images(paths: list[Path], what: str) -> list:
                 image.load()
                 images.append(image)
         except (OSError, UnidentifiedImageError) as error:
-            from .errors import InputError
-
             raise InputError(f"Cannot read {what} {path}: {error}") from error
     return images
 
@@ -170,6 +182,8 @@ def grounding_record(grounding) -> dict:
 def _ground_command(args: argparse.Namespace) -> int:
     from .metadata import dumps
 
+    if args.out:
+        _check_output_folder(args.out.parent)
     record = grounding_record(_ground(args, _load(args)))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -186,11 +200,14 @@ def _generate_command(args: argparse.Namespace) -> int:
     from .sampling import SamplingSettings
 
     settings = SamplingSettings(cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    mm = _load(args)
-    grounding = _ground(args, mm) if args.ref else None
+    if args.mask and not args.ref:
+        raise InputError("--mask crops reference images; give the references with --ref.")
     reasoning = "" if args.no_reasoning else args.reasoning
     if args.reasoning_file:
-        reasoning = args.reasoning_file.read_text(encoding="utf-8")
+        reasoning = _read_text(args.reasoning_file, "reasoning file")
+    _check_output_folder(args.out)
+    mm = _load(args)
+    grounding = _ground(args, mm) if args.ref else None
     bar = _TokenBar("image tokens")
     try:
         result = generate(mm, args.prompt, grounding, reasoning, args.num_images, settings, args.seed, progress=bar)

@@ -13,6 +13,8 @@ from PIL import Image
 from .errors import InputError
 
 BACKGROUND_GREY = (127, 127, 127)  # Janus' letterbox colour
+# Full scale of high-bit-depth modes; mode "I" (also used for 16-bit PNGs) is judged by its values.
+_PEAKS = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "F": 1.0}
 
 
 def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
@@ -21,11 +23,11 @@ def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
         raise InputError(f"{name} is empty ({image.width}x{image.height} pixels).")
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         values = np.asarray(image, dtype=np.float64)
-        peak = 1.0 if image.mode == "F" else (65535.0 if values.max(initial=0) > 255 else 255.0)
+        peak = _PEAKS.get(image.mode) or (65535.0 if values.max(initial=0) > 255 else 255.0)
         return Image.fromarray(np.clip(values / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    if image.mode in ("P", "La", "RGBa"):
+        image = image.convert("LA" if image.mode == "La" else "RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
         background = Image.new("RGBA", image.size, BACKGROUND_GREY + (255,))
         return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
     return image.convert("RGB") if image.mode != "RGB" else image
@@ -59,7 +61,8 @@ def mask_to_array(mask: torch.Tensor | Image.Image | np.ndarray, name: str = "ma
     if isinstance(mask, Image.Image):
         array = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
     else:
-        array = np.asarray(mask.detach().float().cpu() if isinstance(mask, torch.Tensor) else mask, dtype=np.float32)
+        array = np.asarray(mask.detach().cpu() if isinstance(mask, torch.Tensor) else mask)
+        array = array.astype(np.float32) / (255.0 if array.dtype == np.uint8 else 1.0)
     if array.ndim == 3 and array.shape[0] == 1:
         array = array[0]
     if array.ndim != 2:

@@ -47,8 +47,21 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return torch.float32
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The requested device, checked to exist here; None picks CUDA when available, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise InputError(f"Unknown device {device!r}; use cpu, cuda, cuda:1, mps, ...") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"Device {device} was asked for, but this torch sees no CUDA GPU.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise InputError(f"Device {device} was asked for, but there are {torch.cuda.device_count()} CUDA GPUs.")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError("Device mps was asked for, but MPS is not available.")
+    return device
 
 
 def load_model(
@@ -58,7 +71,7 @@ def load_model(
     attn_implementation: str = "sdpa",
 ) -> MMR1Model:
     """Load the model, processor and special-token ids of a checkpoint folder in any supported layout."""
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
         raise InputError(

@@ -93,10 +93,14 @@ def prepare_references(
     ]
 
 
-def extract_subject(mm, references: list[Image.Image], source: str = "reference", count: int = 1) -> torch.Tensor | None:
-    """Stage 2: the first `count` references as VQ tokens [count, T], or None for source 'none'."""
+def check_subject_source(source: str) -> None:
     if source not in SUBJECT_SOURCES:
         raise InputError(f"Unknown subject source {source!r}; choose one of {', '.join(SUBJECT_SOURCES)}.")
+
+
+def extract_subject(mm, references: list[Image.Image], source: str = "reference", count: int = 1) -> torch.Tensor | None:
+    """Stage 2: the first `count` references as VQ tokens [count, T], or None for source 'none'."""
+    check_subject_source(source)
     if source == "none" or not references:
         return None
     return mm.encode_image_tokens(references[:count]).cpu()
@@ -119,6 +123,7 @@ def ground(
     """Stage 1 and 2 of X-CoT for one subject: the model reads the references and writes the reasoning."""
     if max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+    check_subject_source(subject_source)  # before the reasoning is sampled, not after
     settings = SamplingSettings(cfg_scale=1.0, temperature=temperature, top_p=top_p)
     references = prepare_references(references, masks)
     sequence = build_sequence(mm, prompt, references, stage="ground")
