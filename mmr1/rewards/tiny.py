@@ -111,26 +111,28 @@ def _build_dino(out_dir: Path, seed: int) -> None:
     )
 
 
+def _center_crop_preprocessor(processor_type: str, mean: list[float], std: list[float]) -> dict:
+    """Resize the short side, then centre-crop: the preprocessing of the real DINOv2 and CLIP checkpoints."""
+    return {
+        "image_processor_type": processor_type,
+        "do_resize": True,
+        "size": {"shortest_edge": _IMAGE_SIZE},
+        "resample": 3,
+        "do_center_crop": True,
+        "crop_size": {"height": _IMAGE_SIZE, "width": _IMAGE_SIZE},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": mean,
+        "image_std": std,
+        "do_convert_rgb": True,
+    }
+
+
 def _build_dinov2(out_dir: Path, seed: int) -> None:
     config = transformers.Dinov2Config(**_TINY_BLOCK, mlp_ratio=2, image_size=_IMAGE_SIZE, patch_size=_PATCH_SIZE)
     _save_random_model("Dinov2Model", config, out_dir, seed)
-    _write_json(
-        out_dir / "preprocessor_config.json",
-        {
-            "image_processor_type": "BitImageProcessor",
-            "do_resize": True,
-            "size": {"shortest_edge": _IMAGE_SIZE},
-            "resample": 3,
-            "do_center_crop": True,
-            "crop_size": {"height": _IMAGE_SIZE, "width": _IMAGE_SIZE},
-            "do_rescale": True,
-            "rescale_factor": 1 / 255,
-            "do_normalize": True,
-            "image_mean": _IMAGENET_MEAN,
-            "image_std": _IMAGENET_STD,
-            "do_convert_rgb": True,
-        },
-    )
+    _write_json(out_dir / "preprocessor_config.json", _center_crop_preprocessor("BitImageProcessor", _IMAGENET_MEAN, _IMAGENET_STD))
 
 
 def _build_clip(out_dir: Path, seed: int) -> None:
@@ -149,23 +151,7 @@ def _build_clip(out_dir: Path, seed: int) -> None:
         projection_dim=16,
     )
     _save_random_model("CLIPModel", config, out_dir, seed)
-    _write_json(
-        out_dir / "preprocessor_config.json",
-        {
-            "image_processor_type": "CLIPImageProcessor",
-            "do_resize": True,
-            "size": {"shortest_edge": _IMAGE_SIZE},
-            "resample": 3,
-            "do_center_crop": True,
-            "crop_size": {"height": _IMAGE_SIZE, "width": _IMAGE_SIZE},
-            "do_rescale": True,
-            "rescale_factor": 1 / 255,
-            "do_normalize": True,
-            "image_mean": _CLIP_MEAN,
-            "image_std": _CLIP_STD,
-            "do_convert_rgb": True,
-        },
-    )
+    _write_json(out_dir / "preprocessor_config.json", _center_crop_preprocessor("CLIPImageProcessor", _CLIP_MEAN, _CLIP_STD))
 
 
 _BUILDERS = {
