@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from .errors import InputError
-from .images import crop_to_mask, mask_to_array, to_rgb
+from .images import crop_to_mask, image_batch_to_pils, mask_to_array, tensor_to_pil, to_rgb
 from .prompting import batch_prefix, build_sequence, check_fits, embed_sequence
 from .sampling import CancelCheck, Modality, ProgressCallback, SamplingSettings, sample_tokens
 
@@ -76,12 +76,24 @@ class Grounding:
 
 
 def prepare_references(
-    images: list[Image.Image], masks: list | None = None
+    images: list[Image.Image | torch.Tensor] | torch.Tensor, masks: list | torch.Tensor | None = None
 ) -> list[Image.Image]:
-    """RGB references, each cropped to its mask when masks are given (one mask for all, or one per image)."""
-    if not images:
+    """RGB references, each cropped to its mask when masks are given (one mask for all, or one per image).
+
+    Images are PIL images, [H,W,C] tensors, or one IMAGE batch [B,H,W,C]; masks are [H,W] each or a [B,H,W] batch.
+    """
+    if isinstance(images, torch.Tensor):
+        images = image_batch_to_pils(images, "reference images")
+    if images is None or len(images) == 0:
         raise InputError("Grounding needs at least one reference image of the subject.")
-    references = [to_rgb(image, f"reference image {index + 1}") for index, image in enumerate(images)]
+    references = [
+        tensor_to_pil(image, f"reference image {index + 1}")
+        if isinstance(image, torch.Tensor)
+        else to_rgb(image, f"reference image {index + 1}")
+        for index, image in enumerate(images)
+    ]
+    if isinstance(masks, torch.Tensor):
+        masks = list(masks if masks.ndim == 3 else masks.unsqueeze(0))
     if masks is None or len(masks) == 0:
         return references
     if len(masks) not in (1, len(references)):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mmr1.errors import InputError
-from mmr1.images import letterbox
+from mmr1.images import letterbox, pil_to_tensor
 from mmr1.xcot import (
     SUBJECT_SOURCES,
     Grounding,
@@ -404,3 +404,17 @@ def test_normalisation_matters_when_row_norms_differ(tiny_model):
     assert (theirs != ours).any()
     assert (theirs != _transformers_codes(tiny_model, images).cpu()).any()
     torch.testing.assert_close(rescaled.encode_image_tokens(images).cpu(), ours)
+
+
+def test_prepare_references_accepts_comfy_tensors():
+    """An IMAGE batch [B,H,W,C] with a MASK batch [B,H,W] crops like the same images and masks as PIL."""
+    images = [subject_image(), subject_image(colour=(0, 200, 0))]
+    batch = torch.stack([pil_to_tensor(image) for image in images])
+    masks = torch.zeros(2, 40, 48)
+    masks[:, 10:30, 12:36] = 1.0
+    from_tensors = prepare_references(batch, masks)
+    from_pils = prepare_references(images, [Image.fromarray((mask.numpy() * 255).astype("uint8")) for mask in masks])
+    assert [image.size for image in from_tensors] == [image.size for image in from_pils]
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(from_tensors, from_pils))
+    with pytest.raises(InputError, match=r"\[B,H,W,C\]"):
+        prepare_references(torch.zeros(2, 40, 48, 3, 1))
