@@ -9,6 +9,7 @@ import torch
 from transformers import JanusConfig, JanusForConditionalGeneration, JanusVisionConfig, JanusVQVAEConfig, LlamaConfig
 
 from mmr1.deepseek_layout import (
+    _rope_theta,
     convert_deepseek_state_dict,
     deepseek_config_from_janus,
     deepseek_state_dict_from_hf,
@@ -98,7 +99,7 @@ def test_real_configs_convert_to_janus_pro_shapes(original, ids, hidden, ffn, la
     assert (text.hidden_size, text.intermediate_size, text.num_hidden_layers) == (hidden, ffn, layers)
     assert (text.num_attention_heads, text.num_key_value_heads) == (heads, heads)
     assert (text.vocab_size, text.max_position_embeddings) == (102400, 16384)
-    assert (text.rms_norm_eps, text.rope_parameters["rope_theta"], text.hidden_act) == (1e-6, 10000.0, "silu")
+    assert (text.rms_norm_eps, _rope_theta(text), text.hidden_act) == (1e-6, 10000.0, "silu")
     assert (text.pad_token_id, text.bos_token_id, text.eos_token_id) == (
         ids["pad_token_id"],
         ids["bos_token_id"],
@@ -197,7 +198,7 @@ def test_tiny_model_round_trips_with_identical_outputs(tiny_model, tiny_original
         ]
         code_embeds = [m.prepare_embeddings_for_image_generation(codes) for m in (tiny_model, reloaded)]
         decoded = [m.decode_image_tokens(codes) for m in (tiny_model, reloaded)]
-        encoded = [m.model.vqmodel.encode(pixel_values).last_hidden_state for m in (tiny_model, reloaded)]
+        encoded = [m.model.vqmodel.encoder(pixel_values) for m in (tiny_model, reloaded)]
     for ours, theirs in (logits, image_logits, code_embeds, decoded, encoded):
         assert torch.equal(ours, theirs)
     assert decoded[0].shape == (1, 32, 32, 3)
