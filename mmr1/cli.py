@@ -97,7 +97,7 @@ class _TokenBar:
     def __init__(self, description: str):
         self.description, self.bar = description, None
 
-    def __call__(self, done: int, total: int) -> None:
+    def __call__(self, done: int, total: int, tokens=None) -> None:
         from tqdm.auto import tqdm
 
         if self.bar is None:

@@ -20,7 +20,8 @@ import torch
 from .errors import GenerationCancelled, InputError
 from .prompting import BatchedPrefix
 
-ProgressCallback = Callable[[int, int], None]  # (tokens done, tokens total)
+# (tokens done, tokens total, the [B, total] token buffer filled up to done): enough for bars and previews.
+ProgressCallback = Callable[[int, int, torch.Tensor], None]
 CancelCheck = Callable[[], bool]
 
 
@@ -182,7 +183,7 @@ def sample_tokens(
             lengths = torch.where(stopped, torch.full_like(lengths, step + 1), lengths)
             finished |= stopped
         if progress is not None:
-            progress(step + 1, num_tokens)
+            progress(step + 1, num_tokens, tokens)
         if stop_token is not None and bool(finished.all()):
             tokens, logprobs = tokens[:, : step + 1], None if logprobs is None else logprobs[:, : step + 1]
             break

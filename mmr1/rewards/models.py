@@ -115,8 +115,15 @@ class RewardModel:
         self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
         self.image_processor = image_processor
         self.image_features = image_features
-        self.device = device
-        self.dtype = dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are now: a host such as ComfyUI may move the model between devices."""
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, device={self.device}, dtype={self.dtype})"

@@ -99,11 +99,17 @@ def test_greedy_ignores_the_seed(tiny_model):
     assert torch.equal(sample(tiny_model, greedy, seed=1).tokens, sample(tiny_model, greedy, seed=2).tokens)
 
 
-def test_progress_is_reported_per_token(tiny_model):
+def test_progress_is_reported_per_token_with_the_tokens_so_far(tiny_model):
     calls = []
-    sample(tiny_model, SamplingSettings(), progress=lambda done, total: calls.append((done, total)))
+    result = sample(
+        tiny_model,
+        SamplingSettings(),
+        progress=lambda done, total, tokens: calls.append((done, total, tokens[:, :done].clone())),
+    )
     total = tiny_model.num_image_tokens
-    assert calls == [(step, total) for step in range(1, total + 1)]
+    assert [(done, count) for done, count, _ in calls] == [(step, total) for step in range(1, total + 1)]
+    for done, _, so_far in calls:
+        assert torch.equal(so_far, result.tokens[:, :done])
 
 
 def test_cancel_stops_between_tokens(tiny_model):
@@ -112,7 +118,7 @@ def test_cancel_stops_between_tokens(tiny_model):
         sample(
             tiny_model,
             SamplingSettings(),
-            progress=lambda step, total: done.append(step),
+            progress=lambda step, total, tokens: done.append(step),
             cancel=lambda: len(done) >= 5,
         )
     assert len(done) == 5

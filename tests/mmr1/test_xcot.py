@@ -299,7 +299,7 @@ def test_ground_rejects_unknown_subject_source_before_sampling(tiny_model):
     with pytest.raises(InputError, match="subject source"):
         ground(
             tiny_model, [subject_image()], PROMPT, max_new_tokens=2, subject_source="dream",
-            progress=lambda done, total: sampled.append(done),
+            progress=lambda done, total, tokens: sampled.append(done),
         )
     assert sampled == []
 

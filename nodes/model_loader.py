@@ -1,0 +1,65 @@
+"""Load MMR1 Model: a Janus-Pro folder (either layout, or a training/ checkpoint) under ComfyUI model management."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from . import paths
+from .runtime import OFFLOAD_POLICIES, manage
+from .types import CATEGORY, MMR1Model
+
+
+class LoadMMR1Model(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MMR1LoadModel",
+            display_name="Load MMR1 Model",
+            category=CATEGORY,
+            description=(
+                "Loads a Janus-Pro checkpoint folder from models/mmr1: the transformers layout "
+                "(deepseek-community/Janus-Pro-*), the original DeepSeek layout (deepseek-ai/Janus-Pro-*), or a "
+                "checkpoint or LoRA adapter written by MMR1 training. Nothing is downloaded."
+            ),
+            inputs=[
+                io.Combo.Input(
+                    "model",
+                    options=paths.list_model_folders(paths.MODELS),
+                    tooltip="A folder under models/mmr1 holding config.json (or adapter_config.json).",
+                ),
+                io.Combo.Input(
+                    "dtype",
+                    options=["auto", "bf16", "fp16", "fp32"],
+                    default="auto",
+                    tooltip="auto: bf16 on GPUs that support it, fp16 on older ones, fp32 on the CPU.",
+                ),
+                io.Combo.Input(
+                    "attention",
+                    options=["sdpa", "eager"],
+                    default="sdpa",
+                    tooltip="sdpa: PyTorch's fused attention; eager: the plain reference implementation.",
+                ),
+                io.Combo.Input(
+                    "offload",
+                    options=list(OFFLOAD_POLICIES),
+                    default=OFFLOAD_POLICIES[0],
+                    tooltip="keep loaded: stay on the GPU between runs (ComfyUI still evicts it when memory is "
+                    "needed); offload after run: move to the CPU after each node that uses it.",
+                ),
+            ],
+            outputs=[MMR1Model.Output(display_name="mmr1_model")],
+        )
+
+    @classmethod
+    def execute(cls, model: str, dtype: str, attention: str, offload: str) -> io.NodeOutput:
+        import comfy.model_management as model_management
+
+        from ..mmr1.loading import load_model, resolve_dtype
+
+        folder = paths.resolve_model_folder(paths.MODELS, model)
+        torch_dtype = resolve_dtype(dtype, model_management.get_torch_device())
+        mm = load_model(
+            folder, dtype=torch_dtype, device=model_management.unet_offload_device(), attn_implementation=attention
+        )
+        handle = manage(model, mm, mm.model, offload, kind="janus", layout=mm.layout, dtype=str(torch_dtype))
+        return io.NodeOutput(handle)
