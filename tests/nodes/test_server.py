@@ -300,3 +300,15 @@ def test_empty_prompt_is_an_error_on_the_generate_node(comfy):
     del workflow["4"]["inputs"]["subject"]
     error = execution_error(comfy.run(workflow))
     assert error["node_id"] == "4" and "prompt is empty" in error["exception_message"]
+
+
+@pytest.mark.parametrize("name", ["../../models/mmr1/mmr1-tiny", "/etc", "mmr1-tiny/../mmr1-tiny"])
+def test_only_listed_model_names_reach_the_filesystem(comfy, name):
+    workflow = personalized()
+    workflow["1"]["inputs"]["model"] = name
+    status, body = comfy.request("/prompt", {"prompt": workflow, "client_id": "t"})
+    if status == 400:  # ComfyUI's own combo validation caught it
+        assert "1" in body["node_errors"]
+    else:
+        error = execution_error(comfy.wait(body["prompt_id"]))
+        assert error["node_id"] == "1" and "is not in models/mmr1" in error["exception_message"]
