@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -17,11 +18,14 @@ from PIL import Image
 from .images import letterbox
 from .tokens import SpecialTokens
 
+if TYPE_CHECKING:
+    from transformers import JanusForConditionalGeneration, JanusProcessor
+
 
 @dataclass
 class MMR1Model:
-    model: "transformers.JanusForConditionalGeneration"  # noqa: F821
-    processor: "transformers.JanusProcessor"  # noqa: F821
+    model: JanusForConditionalGeneration
+    processor: JanusProcessor
     tokens: SpecialTokens
     source: Path
     layout: str  # "hf", "deepseek" or "lora"

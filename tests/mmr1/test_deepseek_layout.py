@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from transformers import JanusConfig, JanusForConditionalGeneration, JanusVisionConfig, JanusVQVAEConfig, LlamaConfig
+from transformers import JanusConfig, JanusForConditionalGeneration
 
 from mmr1.deepseek_layout import (
     _rope_theta,
@@ -17,6 +17,7 @@ from mmr1.deepseek_layout import (
     janus_config_from_deepseek,
 )
 from mmr1.errors import ModelFolderError
+from mmr1.tiny import TinySpec, build_janus_config, build_tokenizer
 
 # config.json of deepseek-ai/Janus-Pro-7B and -1B. The files themselves are not in the searchable sources, so
 # these are reconstructed: the 7B vision params as llama.cpp's Janus converter copies them from the 7B
@@ -125,43 +126,13 @@ def test_real_configs_convert_to_janus_pro_shapes(original, ids, hidden, ffn, la
 
 
 def tiny_janus_config() -> JanusConfig:
-    return JanusConfig(
-        text_config=LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            vocab_size=300,
-            max_position_embeddings=256,
-            pad_token_id=TINY_IDS["pad_token_id"],
-            bos_token_id=TINY_IDS["bos_token_id"],
-            eos_token_id=TINY_IDS["eos_token_id"],
-            tie_word_embeddings=False,
-        ),
-        vision_config=JanusVisionConfig(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=32,
-            patch_size=4,
-            num_image_tokens=64,
-            projection_dim=64,
-        ),
-        # GroupNorm(32 groups) needs channel counts divisible by 32, so base_channels is 32, not 16.
-        vq_config=JanusVQVAEConfig(
-            embed_dim=8,
-            num_embeddings=64,
-            base_channels=32,
-            channel_multiplier=[1, 2, 2],
-            latent_channels=16,
-            num_res_blocks=1,
-            projection_dim=64,
-            image_token_embed_dim=64,
-        ),
-        image_token_id=TINY_IDS["image_token_id"],
-        tie_word_embeddings=False,
-    )
+    """The project's tiny Janus (mmr1.tiny), with the ids of TINY_IDS."""
+    spec = TinySpec()
+    config = build_janus_config(spec, build_tokenizer(spec.tokenizer_vocab_size))
+    config.image_token_id = TINY_IDS["image_token_id"]
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        setattr(config.text_config, name, TINY_IDS[name])
+    return config
 
 
 @pytest.fixture(scope="module")
@@ -270,14 +241,15 @@ def test_tiny_checkpoint_uses_the_original_module_names(tiny_original):
         "select_layer": -1,
         "width": 32,
         "layers": 2,
-        "heads": 4,
+        "heads": 2,
         "patch_size": 4,
+        "mlp_ratio": 2.0,
     }
     assert original_config["gen_vision_config"]["params"] == {
-        "image_token_size": 64,
+        "image_token_size": 256,
         "n_embed": 8,
-        "codebook_size": 64,
-        "z_channels": 16,
+        "codebook_size": 256,
+        "z_channels": 32,
         "encoder_ch_mult": [1, 2, 2],
         "decoder_ch_mult": [1, 2, 2],
         "ch": 32,
