@@ -1,4 +1,4 @@
-"""`python -m mmr1 ground|generate|score|make-tiny`: the whole pipeline from a terminal."""
+"""`python -m mmr1 ground|generate|score|make-tiny|make-tiny-reward`: the whole pipeline from a terminal."""
 
 from __future__ import annotations
 
@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--layout", default="hf", choices=("hf", "deepseek"),
                       help="hf: transformers layout (deepseek-community); deepseek: original (deepseek-ai)")
     tiny.add_argument("--seed", type=int, default=0)
+
+    tiny_reward = commands.add_parser("make-tiny-reward", help="write a tiny random reward model (DINO, CLIP, ...)")
+    tiny_reward.add_argument("out_dir", type=Path)
+    tiny_reward.add_argument("--kind", required=True, choices=("dino", "dinov2", "clip_i", "clip_t", "pickscore"))
+    tiny_reward.add_argument("--seed", type=int, default=0)
 
     ground = commands.add_parser("ground", help="X-CoT grounding: the reasoning about the subject, as JSON")
     _add_model_options(ground)
@@ -110,6 +115,14 @@ class _TokenBar:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def _make_tiny_reward(args: argparse.Namespace) -> int:
+    from .rewards import make_tiny_reward_checkpoint
+
+    path = make_tiny_reward_checkpoint(args.out_dir, args.kind, seed=args.seed)
+    print(f"wrote a tiny {args.kind} reward model to {path}")
+    return 0
 
 
 def _load(args: argparse.Namespace):
@@ -260,6 +273,7 @@ def _score_command(args: argparse.Namespace) -> int:
 
 _COMMANDS = {
     "make-tiny": _make_tiny,
+    "make-tiny-reward": _make_tiny_reward,
     "ground": _ground_command,
     "generate": _generate_command,
     "score": _score_command,

@@ -308,10 +308,10 @@ def test_error_other_bad_input_without_traceback(tiny_hf_dir, tmp_path, capsys, 
 
 
 def test_score_table_and_weighted_total(tmp_path, capsys):
-    from mmr1.rewards import make_tiny_reward_checkpoint
-
-    dino = make_tiny_reward_checkpoint(tmp_path / "dino", "dino")
-    clip = make_tiny_reward_checkpoint(tmp_path / "clip", "clip_t")
+    dino, clip = tmp_path / "dino", tmp_path / "clip"
+    for folder, kind in ((dino, "dino"), (clip, "clip_t")):
+        code, out, err = run(["make-tiny-reward", folder, "--kind", kind], capsys)
+        assert code == 0 and (folder / "config.json").is_file(), err
     subject_image().save(tmp_path / "a.png")
     subject_image(colour=(20, 200, 20), background=(250, 250, 250)).save(tmp_path / "b.png")
     subject_image(colour=(200, 50, 50)).save(tmp_path / "r.png")

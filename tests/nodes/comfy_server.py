@@ -151,7 +151,7 @@ def build_base(base: Path) -> Path:
     (models / WEIGHTLESS_MODEL_NAME / "model.safetensors").unlink()
     for kind, name in REWARD_NAMES.items():
         make_tiny_reward_checkpoint(base / "models" / "mmr1_rewards" / name, kind)
-    shutil.copy(REPO_ROOT / "examples" / "reference.png", base / "input" / REFERENCE_IMAGE)
+    shutil.copy(REPO_ROOT / "assets" / "reference.png", base / "input" / REFERENCE_IMAGE)
     config = base / "extra_model_paths.yaml"
     config.write_text(
         "mmr1_tests:\n"
