@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny_reward = commands.add_parser("make-tiny-reward", help="write a tiny random reward model (DINO, CLIP, ...)")
     tiny_reward.add_argument("out_dir", type=Path)
-    tiny_reward.add_argument("--kind", required=True, choices=("dino", "dinov2", "clip_i", "clip_t", "pickscore"))
+    tiny_reward.add_argument("--kind", required=True, help="dino, dinov2, clip_i, clip_t or pickscore")
     tiny_reward.add_argument("--seed", type=int, default=0)
 
     ground = commands.add_parser("ground", help="X-CoT grounding: the reasoning about the subject, as JSON")

@@ -5,11 +5,10 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io, ui
 
+from ..mmr1.rewards import REWARD_KINDS
 from . import paths
 from .runtime import manage, use_models
 from .types import CATEGORY, MMR1Reward
-
-METRICS = ("dino", "dinov2", "clip_i", "clip_t", "pickscore")  # mmr1.rewards.REWARD_KINDS, kept import-free
 
 
 class LoadMMR1Reward(io.ComfyNode):
@@ -26,7 +25,7 @@ class LoadMMR1Reward(io.ComfyNode):
             inputs=[
                 io.Combo.Input("model", options=paths.list_model_folders(paths.REWARDS),
                                tooltip="A transformers folder under models/mmr1_rewards."),
-                io.Combo.Input("metric", options=list(METRICS), default="dino",
+                io.Combo.Input("metric", options=list(REWARD_KINDS), default="dino",
                                tooltip="dino/dinov2/clip_i compare with references; clip_t/pickscore with the prompt."),
                 io.Float.Input("weight", default=1.0, min=-100.0, max=100.0, step=0.05,
                                tooltip="Weight of this reward in Reward Score's total."),
