@@ -138,7 +138,7 @@ def sample_tokens(
     settings: SamplingSettings,
     seed: int,
     unconditional: BatchedPrefix | None = None,
-    stop_token: int | None = None,
+    stop_tokens: tuple[int, ...] = (),
     pad_token: int = 0,
     use_cache: bool = True,
     return_logprobs: bool = False,
@@ -178,13 +178,13 @@ def sample_tokens(
         if logprobs is not None:
             chosen = step_logprobs.gather(-1, token.unsqueeze(-1)).squeeze(-1)
             logprobs[:, step] = torch.where(finished, torch.zeros_like(chosen), chosen)
-        if stop_token is not None:
-            stopped = (token == stop_token) & ~finished
+        if stop_tokens:
+            stopped = torch.isin(token, torch.tensor(stop_tokens, device=device)) & ~finished
             lengths = torch.where(stopped, torch.full_like(lengths, step + 1), lengths)
             finished |= stopped
         if progress is not None:
             progress(step + 1, num_tokens, tokens)
-        if stop_token is not None and bool(finished.all()):
+        if stop_tokens and bool(finished.all()):
             tokens, logprobs = tokens[:, : step + 1], None if logprobs is None else logprobs[:, : step + 1]
             break
         step_embeds = modality.embed(token.repeat(2 if settings.guided else 1)).unsqueeze(1).to(rows.embeds.dtype)

@@ -105,6 +105,12 @@ def prepare_references(
     ]
 
 
+def reasoning_stop_tokens(mm) -> tuple[int, ...]:
+    """The reasoning ends where the model opens an image (the X-CoT chain goes on to the subject or the new
+    image, as trained) or at end-of-sentence (what an untrained chat model writes)."""
+    return (mm.tokens.begin_of_image, mm.tokens.eos)
+
+
 def check_subject_source(source: str) -> None:
     if source not in SUBJECT_SOURCES:
         raise InputError(f"Unknown subject source {source!r}; choose one of {', '.join(SUBJECT_SOURCES)}.")
@@ -147,7 +153,7 @@ def ground(
         max_new_tokens,
         settings,
         seed,
-        stop_token=mm.tokens.eos,
+        stop_tokens=reasoning_stop_tokens(mm),
         pad_token=mm.tokens.pad,
         progress=progress,
         cancel=cancel,

@@ -124,10 +124,10 @@ def test_cancel_stops_between_tokens(tiny_model):
     assert len(done) == 5
 
 
-def test_text_sampling_stops_at_the_stop_token(tiny_model):
-    """Rows finish independently at the stop token; later positions hold pad with log-prob 0."""
+def test_text_sampling_stops_at_any_stop_token(tiny_model):
+    """Rows finish independently at a stop token; later positions hold pad with log-prob 0."""
     mm = tiny_model
-    stop, pad = mm.tokens.eos, mm.tokens.pad
+    stop, image_start, pad = mm.tokens.eos, mm.tokens.begin_of_image, mm.tokens.pad
     steps = {"count": 0}
 
     def head(hidden):
@@ -137,18 +137,18 @@ def test_text_sampling_stops_at_the_stop_token(tiny_model):
         if steps["count"] >= 3:
             logits[0, stop] = 30.0  # row 0 stops at step 3
         if steps["count"] >= 6:
-            logits[1, stop] = 30.0  # row 1 at step 6
+            logits[1, image_start] = 30.0  # row 1 at step 6, on the other stop token
         return logits
 
     conditional, _ = prefixes(mm, rows=2)
     sampled = sample_tokens(
         mm, conditional, Modality(head, mm.embed_text), 20, SamplingSettings(cfg_scale=1.0), 0,
-        stop_token=stop, pad_token=pad, return_logprobs=True,
+        stop_tokens=(stop, image_start), pad_token=pad, return_logprobs=True,
     )
     assert sampled.tokens.shape == (2, 6)
     assert sampled.lengths.tolist() == [3, 6]
     assert sampled.tokens[0].tolist() == [100, 100, stop, pad, pad, pad]
-    assert sampled.tokens[1, 5].item() == stop
+    assert sampled.tokens[1, 5].item() == image_start
     assert sampled.logprobs[0, 3:].abs().sum().item() == 0.0
 
 
