@@ -1,0 +1,1 @@
+"""Training for MMR1: the dataset format, SFT and GRPO."""
