@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from .errors import InputError, MMR1Error
+from .errors import InputError, report_user_errors
 
 DEFAULTS = {"cfg": 5.0, "temperature": 1.0, "ground_temperature": 0.7, "ground_top_p": 0.95, "max_new_tokens": 256}
 
@@ -81,11 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return _COMMANDS[args.command](args)
-    except MMR1Error as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return report_user_errors(lambda: _COMMANDS[args.command](args))
 
 
 def _make_tiny(args: argparse.Namespace) -> int:

@@ -4,6 +4,9 @@ Every failure that a user can cause (a wrong folder, a bad image, a setting out 
 so front ends (CLI, ComfyUI nodes) can show the message as is instead of a traceback.
 """
 
+import sys
+from collections.abc import Callable
+
 
 class MMR1Error(Exception):
     """Base class for errors that mmr1 explains to the user."""
@@ -19,3 +22,12 @@ class InputError(MMR1Error, ValueError):
 
 class GenerationCancelled(MMR1Error):
     """The caller's cancel check asked to stop between two tokens."""
+
+
+def report_user_errors(command: Callable[[], int]) -> int:
+    """Run a command-line entry point: an MMR1Error becomes one `error:` line on stderr and exit status 2."""
+    try:
+        return command()
+    except MMR1Error as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from mmr1.errors import InputError, MMR1Error
+from mmr1.errors import InputError, report_user_errors
 from mmr1.images import to_rgb
 from mmr1.xcot import prepare_references
 
@@ -370,11 +370,7 @@ _COMMANDS = {"dreambench": _dreambench_command, "check": _check_command}
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return _COMMANDS[args.command](args)
-    except MMR1Error as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return report_user_errors(lambda: _COMMANDS[args.command](args))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mmr1.errors import report_user_errors
 from mmr1.prompting import PromptSequence, batch_prefix, build_sequence, check_fits, embed_sequence
 from mmr1.xcot import extract_subject
 
@@ -195,15 +196,12 @@ def _save(mm, destination: Path, config: SFTConfig, step: int) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mmr1.errors import MMR1Error
-
-    try:
+    def run() -> int:
         config = config_from_args(SFTConfig, "Cold-start X-CoT SFT (teacher forcing on reasoning and image tokens).", argv)
         print(f"final checkpoint: {train(config)}")
-    except MMR1Error as error:
-        print(f"error: {error}")
-        return 2
-    return 0
+        return 0
+
+    return report_user_errors(run)
 
 
 if __name__ == "__main__":

@@ -106,7 +106,7 @@ def test_cli_help_lists_every_knob_and_bad_config_fails_before_loading(tmp_path,
     config = tmp_path / "bad.toml"
     config.write_text('model = "/nowhere"\ndata = "/nowhere.jsonl"\nlearning_rat = 0.1\n')
     assert main(["--config", str(config)]) == 2
-    assert "learning_rat" in capsys.readouterr().out
+    assert "learning_rat" in capsys.readouterr().err
 
 
 def test_shipped_config_lists_every_knob_and_parses():
