@@ -182,10 +182,11 @@ def segment_loss(new: torch.Tensor, old: torch.Tensor, reference: torch.Tensor |
         per_token = per_token + beta * kl
     tokens = mask.sum(dim=1).clamp(min=1)
     loss = ((per_token * mask).sum(dim=1) / tokens).mean()
-    stats = {
-        "kl": float(((kl * mask).sum(dim=1) / tokens).mean()),
-        "clip_fraction": float((((ratio - 1).abs() > epsilon).float() * mask).sum() / mask.sum().clamp(min=1)),
-    }
+    with torch.no_grad():
+        stats = {
+            "kl": float(((kl * mask).sum(dim=1) / tokens).mean()),
+            "clip_fraction": float((((ratio - 1).abs() > epsilon).float() * mask).sum() / mask.sum().clamp(min=1)),
+        }
     return loss, stats
 
 
@@ -241,7 +242,7 @@ def train(config: GRPOConfig) -> Path:
             rewards = torch.cat([group.rewards for group in groups])
             bar.set_postfix(reward=f"{rewards.mean():.3f}")
             if step % config.log_every == 0 or step == config.steps:
-                line = {"step": step, "loss": float(loss), "reward_mean": float(rewards.mean()),
+                line = {"step": step, "loss": float(loss.detach()), "reward_mean": float(rewards.mean()),
                         "reward_std": float(rewards.std()), "segments": list(config.segments_at(step)),
                         "seconds": round(time.perf_counter() - started, 3), **stats}
                 for name in groups[0].components:
