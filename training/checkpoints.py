@@ -34,6 +34,16 @@ def write_atomically(destination: Path, fill) -> Path:
     return destination
 
 
+def save_recipe_checkpoint(mm, destination: Path, recipe: str, config: dict, step: int) -> Path:
+    """A training run's checkpoint, saved in eval mode; the model's train/eval mode is restored afterwards."""
+    training = mm.model.training
+    mm.model.eval()
+    try:
+        return save_model_checkpoint(mm, destination, {"recipe": recipe, "step": step, "config": config})
+    finally:
+        mm.model.train(training)
+
+
 def save_model_checkpoint(mm, destination: Path, record: dict) -> Path:
     """The model (safetensors), its processor and a JSON record of how it was trained."""
 

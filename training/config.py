@@ -18,7 +18,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from mmr1.errors import MMR1Error
+from mmr1.errors import MMR1Error, report_user_errors
 
 T = TypeVar("T")
 
@@ -95,6 +95,30 @@ def config_from_args(cls: type[T], description: str, argv: list[str] | None = No
         if override is not None:
             values[field.name] = _parse_override(override)
     return build_config(cls, values, str(args.config or "command line"))
+
+
+def check_recipe_keys(config: Any, at_least_one: tuple[str, ...]) -> None:
+    """The checks every recipe shares: model and data given, counts positive, known subject source and dtype."""
+    for name in ("model", "data"):
+        if getattr(config, name) is None:
+            raise ValueError(f"config key {name!r} is required")
+    for name in ("steps", *at_least_one):
+        if getattr(config, name) < 1:
+            raise ValueError(f"config key {name!r} must be at least 1")
+    if config.subject_source not in ("reference", "none"):
+        raise ValueError("config key 'subject_source' must be 'reference' or 'none'")
+    if config.dtype not in ("fp32", "bf16"):
+        raise ValueError("config key 'dtype' must be 'fp32' or 'bf16'")
+
+
+def recipe_main(cls: type[T], description: str, train, argv: list[str] | None) -> int:
+    """`python -m training.<recipe>`: parse the config, train, print the final checkpoint; user errors exit 2."""
+
+    def run() -> int:
+        print(f"final checkpoint: {train(config_from_args(cls, description, argv))}")
+        return 0
+
+    return report_user_errors(run)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

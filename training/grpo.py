@@ -20,14 +20,13 @@ from pathlib import Path
 
 import torch
 
-from mmr1.errors import report_user_errors
 from mmr1.generation import generation_sequence
 from mmr1.prompting import batch_prefix, build_sequence, embed_sequence
 from mmr1.sampling import Modality, SamplingSettings, sample_tokens, sequence_logprobs
 from mmr1.xcot import Grounding, extract_subject, parse_reasoning, reasoning_stop_tokens
 
-from .checkpoints import save_model_checkpoint
-from .config import config_from_args, config_to_dict, knob
+from .checkpoints import save_recipe_checkpoint
+from .config import check_recipe_keys, config_to_dict, knob, recipe_main
 from .data import Record, read_records
 from .rewards import build_reward
 from .sft import trainable_parameters
@@ -65,12 +64,9 @@ class GRPOConfig:
     save_every: int = knob(0, "steps between checkpoints (0: only the final one)")
 
     def __post_init__(self) -> None:
-        for name in ("model", "data"):
-            if getattr(self, name) is None:
-                raise ValueError(f"config key {name!r} is required")
-        for name in ("steps", "prompts_per_step", "num_iterations", "alternate_every", "max_reasoning_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"config key {name!r} must be at least 1")
+        check_recipe_keys(
+            self, at_least_one=("prompts_per_step", "num_iterations", "alternate_every", "max_reasoning_tokens")
+        )
         if self.num_generations < 2:
             raise ValueError("config key 'num_generations' must be at least 2 (advantages are relative to the group)")
         if self.segments not in SEGMENTS:
@@ -251,22 +247,12 @@ def train(config: GRPOConfig) -> Path:
                 metrics.write(json.dumps(line) + "\n")
                 metrics.flush()
             if config.save_every and step % config.save_every == 0 and step != config.steps:
-                _save(mm, output / f"step-{step:06d}", config, step)
-    return _save(mm, output / "final", config, config.steps)
-
-
-def _save(mm, destination: Path, config: GRPOConfig, step: int) -> Path:
-    mm.model.eval()
-    return save_model_checkpoint(mm, destination, {"recipe": "grpo", "step": step, "config": config_to_dict(config)})
+                save_recipe_checkpoint(mm, output / f"step-{step:06d}", "grpo", config_to_dict(config), step)
+    return save_recipe_checkpoint(mm, output / "final", "grpo", config_to_dict(config), config.steps)
 
 
 def main(argv: list[str] | None = None) -> int:
-    def run() -> int:
-        config = config_from_args(GRPOConfig, "GRPO for X-CoT personalization.", argv)
-        print(f"final checkpoint: {train(config)}")
-        return 0
-
-    return report_user_errors(run)
+    return recipe_main(GRPOConfig, "GRPO for X-CoT personalization.", train, argv)
 
 
 if __name__ == "__main__":

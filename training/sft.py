@@ -25,12 +25,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mmr1.errors import report_user_errors
 from mmr1.prompting import PromptSequence, batch_prefix, build_sequence, check_fits, embed_sequence
 from mmr1.xcot import extract_subject
 
-from .checkpoints import save_model_checkpoint
-from .config import config_from_args, config_to_dict, knob
+from .checkpoints import save_recipe_checkpoint
+from .config import check_recipe_keys, config_to_dict, knob, recipe_main
 from .data import Record, read_records
 
 
@@ -58,18 +57,9 @@ class SFTConfig:
     save_every: int = knob(0, "steps between checkpoints (0: only the final one)")
 
     def __post_init__(self) -> None:
-        for name in ("model", "data"):
-            if getattr(self, name) is None:
-                raise ValueError(f"config key {name!r} is required")
-        for name in ("steps", "batch_size", "gradient_accumulation"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"config key {name!r} must be at least 1")
+        check_recipe_keys(self, at_least_one=("batch_size", "gradient_accumulation"))
         if not 0.0 <= self.unconditional_prob < 1.0:
             raise ValueError("config key 'unconditional_prob' must be in [0, 1)")
-        if self.subject_source not in ("reference", "none"):
-            raise ValueError("config key 'subject_source' must be 'reference' or 'none'")
-        if self.dtype not in ("fp32", "bf16"):
-            raise ValueError("config key 'dtype' must be 'fp32' or 'bf16'")
 
 
 @dataclass
@@ -184,24 +174,12 @@ def train(config: SFTConfig) -> Path:
                 metrics.write(json.dumps(line) + "\n")
                 metrics.flush()
             if config.save_every and step % config.save_every == 0 and step != config.steps:
-                _save(mm, output / f"step-{step:06d}", config, step)
-    return _save(mm, output / "final", config, config.steps)
-
-
-def _save(mm, destination: Path, config: SFTConfig, step: int) -> Path:
-    mm.model.eval()
-    path = save_model_checkpoint(mm, destination, {"recipe": "sft", "step": step, "config": config_to_dict(config)})
-    mm.model.train()
-    return path
+                save_recipe_checkpoint(mm, output / f"step-{step:06d}", "sft", config_to_dict(config), step)
+    return save_recipe_checkpoint(mm, output / "final", "sft", config_to_dict(config), config.steps)
 
 
 def main(argv: list[str] | None = None) -> int:
-    def run() -> int:
-        config = config_from_args(SFTConfig, "Cold-start X-CoT SFT (teacher forcing on reasoning and image tokens).", argv)
-        print(f"final checkpoint: {train(config)}")
-        return 0
-
-    return report_user_errors(run)
+    return recipe_main(SFTConfig, "Cold-start X-CoT SFT (teacher forcing on reasoning and image tokens).", train, argv)
 
 
 if __name__ == "__main__":

@@ -100,6 +100,7 @@ def test_alternating_segments():
 
 @pytest.mark.parametrize("values, message", [
     ({"num_generations": 1}, "num_generations"), ({"segments": "text"}, "segments"), ({"rewards": []}, "rewards"),
+    ({"dtype": "fp8"}, "dtype"), ({"subject_source": "dream"}, "subject_source"), ({"steps": 0}, "steps"),
 ])
 def test_bad_configs_name_the_key(values, message):
     with pytest.raises(ConfigError, match=message):
