@@ -1,7 +1,8 @@
-"""Checkpoints the nodes and `python -m mmr1 generate` load directly: transformers-layout folders, written atomically.
+"""Checkpoints the nodes and `python -m mmr1 generate` load directly, written so that a crash never leaves a
+partial one where a loader or a resume would find it.
 
-A checkpoint is first written to a hidden temporary folder beside its destination, then renamed into place, so
-a crash never leaves a partial checkpoint where a loader would find it.
+A checkpoint is filled in a hidden temporary folder beside its destination and renamed into place; an old one is
+renamed to a hidden name before it is deleted. Hidden leftovers of a crash are removed by `remove_leftovers`.
 """
 
 from __future__ import annotations
@@ -15,41 +16,49 @@ from pathlib import Path
 TRAINING_RECORD = "mmr1_training.json"
 
 
+def temporary_name(destination: Path) -> Path:
+    return destination.with_name(f".{destination.name}.tmp")
+
+
+def publish(temporary: Path, destination: Path) -> Path:
+    """Rename a finished `temporary` folder to `destination`, replacing a previous folder whole."""
+    if destination.exists():
+        retired = destination.with_name(f".{destination.name}.old-{os.getpid()}")
+        os.replace(destination, retired)
+        os.replace(temporary, destination)
+        shutil.rmtree(retired)
+    else:
+        os.replace(temporary, destination)
+    return destination
+
+
+def retire(folder: Path) -> None:
+    """Delete `folder` without it ever existing half-deleted under its own name."""
+    hidden = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    os.replace(folder, hidden)
+    shutil.rmtree(hidden)
+
+
+def remove_leftovers(parent: Path) -> list[Path]:
+    """Remove the hidden temporary and retired folders a killed run left in `parent`; returns them."""
+    leftovers = [path for path in parent.glob(".*") if path.is_dir() and (".tmp" in path.name or ".old-" in path.name)]
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+    return leftovers
+
+
 def write_atomically(destination: Path, fill) -> Path:
     """Create `destination` as a folder filled by `fill(temporary_folder)`, replacing any previous one whole."""
+    destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
     try:
         fill(temporary)
-        if destination.exists():
-            retired = destination.with_name(f".{destination.name}.old-{os.getpid()}")
-            os.replace(destination, retired)
-            os.replace(temporary, destination)
-            shutil.rmtree(retired)
-        else:
-            os.replace(temporary, destination)
+        return publish(temporary, destination)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
-    return destination
 
 
-def save_recipe_checkpoint(mm, destination: Path, recipe: str, config: dict, step: int) -> Path:
-    """A training run's checkpoint, saved in eval mode; the model's train/eval mode is restored afterwards."""
-    training = mm.model.training
-    mm.model.eval()
-    try:
-        return save_model_checkpoint(mm, destination, {"recipe": recipe, "step": step, "config": config})
-    finally:
-        mm.model.train(training)
-
-
-def save_model_checkpoint(mm, destination: Path, record: dict) -> Path:
-    """The model (safetensors), its processor and a JSON record of how it was trained."""
-
-    def fill(folder: Path) -> None:
-        mm.model.save_pretrained(folder, safe_serialization=True)
-        mm.processor.save_pretrained(folder)
-        (folder / TRAINING_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-    return write_atomically(Path(destination), fill)
+def write_training_record(folder: Path, record: dict) -> None:
+    (folder / TRAINING_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")

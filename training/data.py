@@ -247,6 +247,37 @@ def write_records(path: str | Path, records: Iterable[Record]) -> None:
         raise InputError(f"Cannot write the dataset {path}: {error}") from error
 
 
+class RecordOrder:
+    """Which records a run visits: a fresh seeded permutation per epoch. Its position is resumable state, and
+    every process draws the same indices, then takes its own share."""
+
+    def __init__(self, count: int, seed: int):
+        self.count, self.seed, self.epoch, self.position = count, seed, 0, 0
+
+    def _permutation(self) -> list[int]:
+        return random.Random(self.seed * 1_000_003 + self.epoch).sample(range(self.count), self.count)
+
+    def take(self, number: int) -> list[int]:
+        indices = []
+        while len(indices) < number:
+            if self.position == self.count:
+                self.epoch, self.position = self.epoch + 1, 0
+            permutation = self._permutation()
+            share = min(number - len(indices), self.count - self.position)
+            indices += permutation[self.position : self.position + share]
+            self.position += share
+        return indices
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "seed": self.seed, "epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["count"], state["seed"]) != (self.count, self.seed):
+            raise InputError(f"The checkpoint's data order is over {state['count']} records with seed "
+                             f"{state['seed']}; this run has {self.count} with seed {self.seed}.")
+        self.epoch, self.position = state["epoch"], state["position"]
+
+
 def _dreambench_tables(prompts_file: Path) -> tuple[dict[str, str], list[str], list[str]]:
     """(subject -> class word, object prompt templates, live prompt templates) from prompts_and_classes.txt."""
     try:

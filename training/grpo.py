@@ -11,9 +11,6 @@ over its own tokens, so the image's tokens do not drown the reasoning's.
 
 from __future__ import annotations
 
-import copy
-import json
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,47 +22,39 @@ from mmr1.prompting import batch_prefix, build_sequence, embed_sequence
 from mmr1.sampling import Modality, SamplingSettings, sample_tokens, sequence_logprobs
 from mmr1.xcot import Grounding, extract_subject, parse_reasoning, reasoning_stop_tokens
 
-from .checkpoints import save_recipe_checkpoint
-from .config import check_recipe_keys, config_to_dict, knob, recipe_main
-from .data import Record, read_records
+from .config import knob, recipe_main
+from .data import Record, RecordOrder, read_records
+from .engine import Run, RunConfig
+from .plots import plot_curves, sample_grid
+from .policy import make_policy
 from .rewards import build_reward
-from .sft import trainable_parameters
 
 SEGMENTS = ("image", "reasoning", "both", "alternate")
 
 
 @dataclass(frozen=True)
-class GRPOConfig:
-    model: Path = knob(None, "Janus checkpoint folder to start from (any layout mmr1 loads)")
+class GRPOConfig(RunConfig):
     data: Path = knob(None, "JSONL prompt records (references, prompt); see training/data.py")
-    output_dir: Path = knob(Path("runs/grpo"), "where checkpoints and metrics.jsonl are written")
+    output_dir: Path = knob(Path("runs/grpo"), "checkpoints, metrics.jsonl, samples/ and curves.png go here")
     rewards: tuple[str, ...] = knob(("redness@1",), "rewards: 'redness@w', 'format@w' or 'kind=folder@w'")
-    steps: int = knob(100, "optimizer steps (one prompt group each, times prompts_per_step)")
-    prompts_per_step: int = knob(1, "prompt records per step")
+    prompts_per_step: int = knob(1, "prompt groups per optimizer step and process, each backpropagated on its own")
     num_generations: int = knob(8, "group size G: rollouts per prompt")
     segments: str = knob("both", "optimised segments: image, reasoning, both, or alternate every alternate_every steps")
     alternate_every: int = knob(10, "steps per segment when segments = alternate (SepGRPO)")
     num_iterations: int = knob(1, "mu: optimisation passes over each batch of rollouts")
     epsilon: float = knob(0.2, "PPO clip range of the ratio")
     beta: float = knob(0.01, "KL coefficient to the frozen reference policy (k3 estimator); 0 disables it")
-    learning_rate: float = knob(1e-5, "AdamW learning rate")
-    max_grad_norm: float = knob(1.0, "gradient clipping norm (0 disables)")
     cfg_scale: float = knob(5.0, "classifier-free guidance of the image rollouts")
     temperature: float = knob(1.0, "image token temperature")
     top_k: int = knob(0, "image top-k (0: off)")
     top_p: float = knob(1.0, "image top-p (1: off)")
     reasoning_temperature: float = knob(1.0, "reasoning temperature")
     max_reasoning_tokens: int = knob(64, "reasoning length limit")
-    subject_source: str = knob("reference", "visual intermediate in the chain: 'reference' or 'none'")
-    dtype: str = knob("fp32", "training dtype: fp32 or bf16")
-    device: str | None = knob(None, "cpu, cuda, ... (default: cuda when available)")
-    seed: int = knob(0, "seed of prompt order and rollouts")
-    log_every: int = knob(1, "steps between metrics lines")
-    save_every: int = knob(0, "steps between checkpoints (0: only the final one)")
+    sample_every: int = knob(0, "steps between grids of the main process's first group in samples/ (0: never)")
 
     def __post_init__(self) -> None:
-        check_recipe_keys(
-            self, at_least_one=("prompts_per_step", "num_iterations", "alternate_every", "max_reasoning_tokens")
+        self.check_run_keys(
+            at_least_one=("prompts_per_step", "num_iterations", "alternate_every", "max_reasoning_tokens")
         )
         if self.num_generations < 2:
             raise ValueError("config key 'num_generations' must be at least 2 (advantages are relative to the group)")
@@ -75,6 +64,8 @@ class GRPOConfig:
             raise ValueError("config keys 'beta' must be >= 0 and 'epsilon' > 0")
         if not self.rewards:
             raise ValueError("config key 'rewards' needs at least one reward")
+        if self.sample_every < 0:
+            raise ValueError("config key 'sample_every' must be at least 0")
 
     @property
     def image_settings(self) -> SamplingSettings:
@@ -186,69 +177,97 @@ def segment_loss(new: torch.Tensor, old: torch.Tensor, reference: torch.Tensor |
     return loss, stats
 
 
+def rollout_seed(config: GRPOConfig, step: int, group: int) -> int:
+    """Seed of one group's rollouts: fixed by the run's seed, the step and the group's index over all processes,
+    so a resumed or re-sharded run samples the same rollouts."""
+    return config.seed * 1_000_003 + step * 1_009 + group * 101
+
+
+def policy_loss(policy, group: Group, names: tuple[str, ...], config: GRPOConfig) -> tuple[torch.Tensor, dict]:
+    """The GRPO loss of one group over the optimised segments (the engine's forward)."""
+    loss, stats = 0.0, {}
+    for name in names:
+        segment = group.segments[name]
+        scored = (segment.prefix, segment.tokens, segment.modality, segment.settings, segment.unconditional)
+        new = sequence_logprobs(policy.mm, *scored)
+        reference = None
+        if config.beta > 0:
+            with policy.reference() as frozen:
+                reference = sequence_logprobs(frozen, *scored)
+        part, part_stats = segment_loss(new, segment.old_logprobs, reference, segment.mask,
+                                        group.advantages.to(new.device), config.epsilon, config.beta)
+        loss = loss + part
+        stats.update({f"{name}_{key}": value for key, value in part_stats.items()})
+    return loss, stats
+
+
 def train(config: GRPOConfig) -> Path:
+    """Run GRPO (resuming from output_dir when it holds a checkpoint); returns the final checkpoint folder."""
     from tqdm.auto import tqdm
 
     from mmr1.loading import load_model
 
+    import matplotlib  # noqa: F401  (curves.png at the end: fail now, not after training, when it is missing)
+
     records = read_records(config.data)
-    reward_functions = [build_reward(spec) for spec in config.rewards]
-    torch.manual_seed(config.seed)
-    mm = load_model(config.model, dtype=config.dtype, device=config.device)
-    reference = None
-    if config.beta > 0:
-        reference = copy.copy(mm)
-        reference.model = copy.deepcopy(mm.model).eval().requires_grad_(False)
-    parameters = trainable_parameters(mm)
-    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=0.0)
-    rng = random.Random(config.seed)
-    output = Path(config.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    with (output / "metrics.jsonl").open("w", encoding="utf-8") as metrics, \
-            tqdm(total=config.steps, desc="grpo", unit="step") as bar:
-        for step in range(1, config.steps + 1):
+    run = Run("grpo", config)
+    reward_functions = [build_reward(spec, device=str(run.device)) for spec in config.rewards]
+    mm = load_model(config.model, device=run.device)
+    policy = make_policy(mm, config.model, config.lora, with_reference=config.beta > 0)
+    objective = run.prepare(policy, lambda group, names: policy_loss(policy, group, names, config))
+    order = RecordOrder(len(records), config.seed)
+    start = run.resume(order)
+    share = config.prompts_per_step
+    with tqdm(total=config.steps, initial=start, desc="grpo", unit="step", disable=not run.is_main) as bar:
+        for step in range(start + 1, config.steps + 1):
+            step_started = time.perf_counter()
+            indices = order.take(share * run.num_processes)
+            mine = range(run.process_index * share, (run.process_index + 1) * share)
             mm.model.eval()
-            groups = [rollout(mm, rng.choice(records), config, reward_functions, config.seed * 1_000_003 + step * 101 + i)
-                      for i in range(config.prompts_per_step)]
+            with run.generation_weights(), run.accelerator.autocast():
+                groups = [rollout(mm, records[indices[i]], config, reward_functions, rollout_seed(config, step, i))
+                          for i in mine]
+            rollout_seconds = time.perf_counter() - step_started
+            sampled = sum(int(g.segments["reasoning"].mask.sum()) + g.segments["image"].tokens.numel() for g in groups)
             mm.model.train()
+            names = config.segments_at(step)
             stats: dict[str, float] = {}
             for _ in range(config.num_iterations):
-                loss = 0.0
-                for group in groups:
-                    for name in config.segments_at(step):
-                        segment = group.segments[name]
-                        new = sequence_logprobs(mm, segment.prefix, segment.tokens, segment.modality,
-                                                segment.settings, segment.unconditional)
-                        ref = None
-                        if reference is not None:
-                            with torch.no_grad():
-                                ref = sequence_logprobs(reference, segment.prefix, segment.tokens, segment.modality,
-                                                        segment.settings, segment.unconditional)
-                        part, part_stats = segment_loss(new, segment.old_logprobs, ref, segment.mask,
-                                                        group.advantages.to(new.device), config.epsilon, config.beta)
-                        loss = loss + part / len(groups)
-                        stats.update({f"{name}_{key}": value for key, value in part_stats.items()})
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
-                optimizer.step()
+                losses = []
+                for index, group in enumerate(groups):
+                    with run.micro_step(last=index == len(groups) - 1):
+                        loss, stats = objective(group, names)
+                        run.backward(loss / len(groups))
+                    losses.append(float(loss.detach()))
+                grad_norm = run.optimizer_step()
+            rewards = run.gather(torch.stack([group.rewards for group in groups]))
+            components = {name: run.gather(torch.stack([group.components[name] for group in groups]))
+                          for name in groups[0].components}
+            totals = run.gather(torch.tensor([[sum(losses) / len(losses), sampled, rollout_seconds]]))
             bar.update(1)
-            rewards = torch.cat([group.rewards for group in groups])
             bar.set_postfix(reward=f"{rewards.mean():.3f}")
             if step % config.log_every == 0 or step == config.steps:
-                line = {"step": step, "loss": float(loss.detach()), "reward_mean": float(rewards.mean()),
-                        "reward_std": float(rewards.std()), "segments": list(config.segments_at(step)),
-                        "seconds": round(time.perf_counter() - started, 3), **stats}
-                for name in groups[0].components:
-                    values = torch.cat([group.components[name] for group in groups])
-                    line[f"{name}_mean"], line[f"{name}_std"] = float(values.mean()), float(values.std())
-                metrics.write(json.dumps(line) + "\n")
-                metrics.flush()
-            if config.save_every and step % config.save_every == 0 and step != config.steps:
-                save_recipe_checkpoint(mm, output / f"step-{step:06d}", "grpo", config_to_dict(config), step)
-    return save_recipe_checkpoint(mm, output / "final", "grpo", config_to_dict(config), config.steps)
+                line = {"step": step, "loss": float(totals[:, 0].mean()), "reward_mean": float(rewards.mean()),
+                        "reward_std": float(rewards.std(dim=1).mean()), "segments": list(names),
+                        "lr": run.learning_rate, "grad_norm": grad_norm,
+                        "rollout_tokens_per_s": round(float(totals[:, 1].sum() / totals[:, 2].max()), 1),
+                        "step_seconds": round(time.perf_counter() - step_started, 3), **stats}
+                for name, values in components.items():
+                    line[f"{name}_mean"], line[f"{name}_std"] = float(values.mean()), float(values.std(dim=1).mean())
+                run.log(line)
+            if run.is_main and config.sample_every and step % config.sample_every == 0:
+                captions = [f"{float(value):.3f}" for value in groups[0].rewards]
+                grid = sample_grid(groups[0].images, captions)
+                (run.output / "samples").mkdir(exist_ok=True)
+                grid.save(run.output / "samples" / f"step-{step:06d}.png")
+            if (config.save_every and step % config.save_every == 0) or step == config.steps:
+                run.save_checkpoint(step, order)
+    final = run.save_final(config.steps)
+    if run.is_main:
+        keys = ["reward_mean"] + [f"{name}_mean" for name, _, _ in reward_functions] + ["image_kl", "reasoning_kl"]
+        plot_curves(run.metrics_path, run.output / "curves.png", keys)
+    run.end()
+    return final
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,6 @@ classifier-free guidance meaningful.
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import dataclass
@@ -28,36 +27,28 @@ import torch.nn.functional as F
 from mmr1.prompting import PromptSequence, batch_prefix, build_sequence, check_fits, embed_sequence
 from mmr1.xcot import extract_subject
 
-from .checkpoints import save_recipe_checkpoint
-from .config import check_recipe_keys, config_to_dict, knob, recipe_main
-from .data import Record, read_records
+from .config import knob, recipe_main
+from .data import Record, RecordOrder, read_records
+from .engine import Run, RunConfig
+from .plots import plot_curves
+from .policy import make_policy
 
 
 @dataclass(frozen=True)
-class SFTConfig:
-    model: Path = knob(None, "Janus checkpoint folder to start from (any layout mmr1 loads)")
-    data: Path = knob(None, "JSONL records with target and reasoning (see training/data.py)")
-    output_dir: Path = knob(Path("runs/sft"), "where checkpoints and metrics.jsonl are written")
+class SFTConfig(RunConfig):
+    output_dir: Path = knob(Path("runs/sft"), "checkpoints, metrics.jsonl and curves.png go here")
     steps: int = knob(200, "optimizer steps")
-    batch_size: int = knob(4, "records per micro-batch")
-    gradient_accumulation: int = knob(1, "micro-batches per optimizer step")
     learning_rate: float = knob(1e-4, "AdamW learning rate (constant after warmup)")
     warmup_steps: int = knob(10, "linear learning-rate warmup steps")
-    weight_decay: float = knob(0.0, "AdamW weight decay")
-    max_grad_norm: float = knob(1.0, "gradient clipping norm (0 disables)")
+    log_every: int = knob(10, "steps between metrics lines")
+    batch_size: int = knob(4, "records per micro-batch and process")
+    gradient_accumulation: int = knob(1, "micro-batches per optimizer step")
     text_weight: float = knob(1.0, "weight of the reasoning (text) segment's mean loss")
     image_weight: float = knob(1.0, "weight of the image segment's mean loss")
     unconditional_prob: float = knob(0.1, "probability that an example's image segment sees the padded context")
-    subject_source: str = knob("reference", "visual intermediate in the chain: 'reference' or 'none'")
-    dtype: str = knob("fp32", "training dtype: fp32 or bf16")
-    device: str | None = knob(None, "cpu, cuda, ... (default: cuda when available)")
-    gradient_checkpointing: bool = knob(False, "recompute activations in backward to save memory")
-    seed: int = knob(0, "seed of the data order, the unconditional draws and the initialisation")
-    log_every: int = knob(10, "steps between metrics lines")
-    save_every: int = knob(0, "steps between checkpoints (0: only the final one)")
 
     def __post_init__(self) -> None:
-        check_recipe_keys(self, at_least_one=("batch_size", "gradient_accumulation"))
+        self.check_run_keys(at_least_one=("batch_size", "gradient_accumulation"))
         if not 0.0 <= self.unconditional_prob < 1.0:
             raise ValueError("config key 'unconditional_prob' must be in [0, 1)")
 
@@ -115,67 +106,50 @@ def sft_loss(mm, examples: list[Example], unconditional: list[bool], text_weight
     return text_weight * text_loss + image_weight * image_loss, text_loss, image_loss
 
 
-def trainable_parameters(mm) -> list[torch.nn.Parameter]:
-    """Everything but the understanding encoder and the VQ tokenizer, which stay frozen."""
-    frozen = {id(p) for module in (mm.model.model.vision_model, mm.model.model.vqmodel) for p in module.parameters()}
-    for parameter in mm.model.parameters():
-        parameter.requires_grad_(id(parameter) not in frozen)
-    return [p for p in mm.model.parameters() if p.requires_grad]
-
-
 def train(config: SFTConfig) -> Path:
-    """Run SFT; returns the final checkpoint folder."""
+    """Run SFT (resuming from output_dir when it holds a checkpoint); returns the final checkpoint folder."""
     from tqdm.auto import tqdm
 
     from mmr1.loading import load_model
 
     records = read_records(config.data, require=("target", "reasoning"))
-    torch.manual_seed(config.seed)
-    mm = load_model(config.model, dtype=config.dtype, device=config.device)
+    run = Run("sft", config)
+    mm = load_model(config.model, device=run.device)
     examples = [prepare_example(mm, record, config.subject_source) for record in records]
+    policy = make_policy(mm, config.model, config.lora, with_reference=False)
+    objective = run.prepare(policy, lambda batch, unconditional: sft_loss(
+        mm, batch, unconditional, config.text_weight, config.image_weight))
+    order = RecordOrder(len(examples), config.seed)
+    start = run.resume(order)
     mm.model.train()
-    if config.gradient_checkpointing:
-        mm.model.gradient_checkpointing_enable()
-    parameters = trainable_parameters(mm)
-    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / max(config.warmup_steps, 1))
-    )
-    rng = random.Random(config.seed)
-    order: list[int] = []
-    output = Path(config.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    metrics_path = output / "metrics.jsonl"
+    share = min(config.batch_size, len(examples))
     started = time.perf_counter()
-    with metrics_path.open("w", encoding="utf-8") as metrics, tqdm(total=config.steps, desc="sft", unit="step") as bar:
-        for step in range(1, config.steps + 1):
+    with tqdm(total=config.steps, initial=start, desc="sft", unit="step", disable=not run.is_main) as bar:
+        for step in range(start + 1, config.steps + 1):
             totals = torch.zeros(3)
-            for _ in range(config.gradient_accumulation):
-                batch = []
-                while len(batch) < min(config.batch_size, len(examples)):
-                    if not order:
-                        order = rng.sample(range(len(examples)), len(examples))
-                    batch.append(examples[order.pop()])
-                unconditional = [rng.random() < config.unconditional_prob for _ in batch]
-                losses = sft_loss(mm, batch, unconditional, config.text_weight, config.image_weight)
-                (losses[0] / config.gradient_accumulation).backward()
+            for micro in range(config.gradient_accumulation):
+                indices = order.take(share * run.num_processes)[run.process_index * share:][:share]
+                draws = random.Random(f"{config.seed}-{step}-{micro}-{run.process_index}")
+                unconditional = [draws.random() < config.unconditional_prob for _ in indices]
+                with run.micro_step(last=micro == config.gradient_accumulation - 1):
+                    losses = objective([examples[index] for index in indices], unconditional)
+                    run.backward(losses[0] / config.gradient_accumulation)
                 totals += torch.stack([loss.detach().float().cpu() for loss in losses]) / config.gradient_accumulation
-            if config.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = run.optimizer_step()
+            totals = run.gather(totals.unsqueeze(0)).mean(dim=0)
             bar.update(1)
             bar.set_postfix(loss=f"{totals[0]:.3f}")
             if step % config.log_every == 0 or step == 1 or step == config.steps:
-                line = {"step": step, "loss": float(totals[0]), "text_loss": float(totals[1]),
-                        "image_loss": float(totals[2]), "lr": scheduler.get_last_lr()[0],
-                        "seconds": round(time.perf_counter() - started, 3)}
-                metrics.write(json.dumps(line) + "\n")
-                metrics.flush()
-            if config.save_every and step % config.save_every == 0 and step != config.steps:
-                save_recipe_checkpoint(mm, output / f"step-{step:06d}", "sft", config_to_dict(config), step)
-    return save_recipe_checkpoint(mm, output / "final", "sft", config_to_dict(config), config.steps)
+                run.log({"step": step, "loss": float(totals[0]), "text_loss": float(totals[1]),
+                         "image_loss": float(totals[2]), "lr": run.learning_rate, "grad_norm": grad_norm,
+                         "seconds": round(time.perf_counter() - started, 3)})
+            if (config.save_every and step % config.save_every == 0) or step == config.steps:
+                run.save_checkpoint(step, order)
+    final = run.save_final(config.steps)
+    if run.is_main:
+        plot_curves(run.metrics_path, run.output / "curves.png", ("loss", "text_loss", "image_loss"))
+    run.end()
+    return final
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -109,12 +109,21 @@ def test_cli_help_lists_every_knob_and_bad_config_fails_before_loading(tmp_path,
     assert "learning_rat" in capsys.readouterr().err
 
 
-def test_shipped_config_lists_every_knob_and_parses():
-    from pathlib import Path
+def test_extending_a_finished_run_equals_a_longer_run(dataset, tiny_hf_dir, tmp_path):
+    """A finished run given more steps resumes from its last checkpoint (weights, AdamW moments, schedule, data
+    position and the context-drop draws) and ends where a run that had the longer schedule from the start ends."""
+    from safetensors.torch import load_file
 
-    from training.config import tomllib
+    def sft(output, steps):
+        return train(build_config(SFTConfig, {
+            "model": str(tiny_hf_dir), "data": str(dataset), "output_dir": str(output), "steps": steps,
+            "batch_size": 3, "gradient_accumulation": 2, "learning_rate": 1e-3, "warmup_steps": 3,
+            "unconditional_prob": 0.3, "device": "cpu", "seed": 4,
+        }))
 
-    path = Path(__file__).resolve().parents[2] / "training" / "configs" / "sft.toml"
-    text = path.read_text()
-    assert all(f"{name} =" in text for name in SFTConfig.__dataclass_fields__)
-    assert build_config(SFTConfig, tomllib.loads(text)).steps == 200
+    sft(tmp_path / "extended", 3)
+    extended = load_file(sft(tmp_path / "extended", 5) / "model.safetensors")
+    direct = load_file(sft(tmp_path / "direct", 5) / "model.safetensors")
+    assert all(torch.equal(extended[key], direct[key]) for key in direct)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "extended" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 3, 5]

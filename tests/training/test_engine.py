@@ -1,0 +1,228 @@
+"""The run machinery under both recipes: kill -9 and resume, two processes under `accelerate launch`, LoRA,
+mixed precision, curves and sample grids. Runs go through the real command lines in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from training.checkpoints import write_atomically
+from training.config import ConfigError, build_config
+from training.data import Record, RecordOrder, write_records
+from training.engine import TRAINER_STATE
+from training.grpo import GRPOConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("engine_data")
+    records = []
+    for index, value in enumerate((60, 200, 120)):
+        Image.fromarray(np.full((32, 32, 3), value, dtype=np.uint8)).save(folder / f"ref{index}.png")
+        records.append(Record(id=f"r{index}", references=(folder / f"ref{index}.png",), prompt=f"photo {index}"))
+    write_records(folder / "prompts.jsonl", records)
+    return folder / "prompts.jsonl"
+
+
+def write_config(folder: Path, model: Path, prompts: Path, **values) -> Path:
+    base = {"model": str(model), "data": str(prompts), "num_generations": 4, "cfg_scale": 2.0,
+            "max_reasoning_tokens": 4, "steps": STEPS, "save_every": 2, "learning_rate": 1e-3, "beta": 0.02,
+            "device": "cpu", "seed": 5, "output_dir": str(folder / "run")}
+    text = "".join(f"{key} = {json.dumps(value)}\n" for key, value in {**base, **values}.items())
+    path = folder / "grpo.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def environment() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def grpo_command(config: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "training.grpo", "--config", str(config), *extra]
+
+
+def run(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+def metric_steps(output: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+def hidden_leftovers(output: Path) -> list[str]:
+    return sorted(path.name for folder in (output, output / "checkpoints") if folder.is_dir()
+                  for path in folder.iterdir() if path.name.startswith("."))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_hf_dir, prompts, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    run(grpo_command(write_config(folder, tiny_hf_dir, prompts)))
+    return folder / "run"
+
+
+# A real SIGKILL at the worst moment: the checkpoint of step 4 is completely written but not yet renamed into place.
+KILL_WHILE_PUBLISHING = textwrap.dedent("""
+    import os, signal, sys
+    import training.engine as engine
+    publish = engine.publish
+    def killed_on_step_4(temporary, destination):
+        if destination.name == "step-000004":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return publish(temporary, destination)
+    engine.publish = killed_on_step_4
+    from training.grpo import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def kill_while_publishing(config: Path, output: Path) -> None:
+    result = subprocess.run([sys.executable, "-c", KILL_WHILE_PUBLISHING, "--config", str(config)], cwd=ROOT,
+                            env=environment(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    assert (output / "checkpoints" / ".step-000004.tmp").is_dir()  # the complete but unpublished step 4
+
+
+def kill_from_outside(config: Path, output: Path) -> None:
+    """`kill -9` from another process once step 3 is logged (after checkpoint 2, before the run ends)."""
+    process = subprocess.Popen(grpo_command(config), cwd=ROOT, env=environment(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        metrics = output / "metrics.jsonl"
+        if metrics.exists() and any(step >= 3 for step in metric_steps(output)):
+            break
+        assert process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    assert process.wait(timeout=60) == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("kill", [kill_while_publishing, kill_from_outside], ids=["while-publishing", "from-outside"])
+def test_kill_9_then_resume_gives_the_uninterrupted_checkpoint(kill, tiny_hf_dir, prompts, uninterrupted, tmp_path):
+    from mmr1.loading import load_model
+
+    config = write_config(tmp_path, tiny_hf_dir, prompts)
+    output = tmp_path / "run"
+    kill(config, output)
+    assert not (output / "final").exists()
+    for checkpoint in (output / "checkpoints").glob("step-*"):  # whatever is visible is complete and loads
+        assert (checkpoint / TRAINER_STATE).is_file() and (checkpoint / "engine_state" / "optimizer.bin").is_file()
+        assert load_model(checkpoint, device="cpu").num_image_tokens > 0
+
+    result = run(grpo_command(config))
+    assert "resumed from" in result.stdout
+    resumed, reference = weights(output / "final"), weights(uninterrupted / "final")
+    assert resumed.keys() == reference.keys()
+    assert all(torch.equal(resumed[key], reference[key]) for key in reference)
+    assert metric_steps(output) == list(range(1, STEPS + 1))
+    assert hidden_leftovers(output) == []
+    assert sorted(path.name for path in (output / "checkpoints").iterdir()) == ["step-000004", "step-000006"]
+
+
+def test_a_changed_config_does_not_resume_into_the_old_run(tiny_hf_dir, prompts, uninterrupted):
+    with pytest.raises(ConfigError, match="learning_rate"):
+        from training.engine import Run
+
+        Run("grpo", build_config(GRPOConfig, {"model": str(tiny_hf_dir), "data": str(prompts),
+                                              "output_dir": str(uninterrupted), "learning_rate": 0.5}))
+    with pytest.raises(ConfigError, match="resume = true"):
+        from training.engine import Run
+
+        Run("grpo", build_config(GRPOConfig, {"model": str(tiny_hf_dir), "data": str(prompts),
+                                              "output_dir": str(uninterrupted), "resume": False}))
+
+
+def test_two_processes_under_accelerate_equal_one_process_with_both_groups(tiny_hf_dir, prompts, tmp_path):
+    """Rollouts are sharded: with 2 processes × 1 group, each process samples its own group, and the averaged
+    gradients give the checkpoint of 1 process × 2 groups (up to summation order)."""
+    from mmr1.generation import generate
+    from mmr1.loading import load_model
+
+    sharded = write_config(tmp_path / "sharded", tiny_hf_dir, prompts, steps=3, save_every=0, prompts_per_step=1)
+    single = write_config(tmp_path / "single", tiny_hf_dir, prompts, steps=3, save_every=0, prompts_per_step=2)
+    result = run([sys.executable, "-m", "accelerate.commands.launch",
+                  "--config_file", str(ROOT / "training" / "configs" / "accelerate" / "ddp.yaml"),
+                  "--num_processes", "2", "--main_process_port", "29517",
+                  "-m", "training.grpo", "--config", str(sharded)])
+    assert result.stdout.count("final checkpoint:") == 1
+    run(grpo_command(single))
+    state = (tmp_path / "sharded" / "run" / "checkpoints" / "step-000003" / "engine_state")
+    assert sorted(path.name for path in state.glob("random_states_*")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    two, one = weights(tmp_path / "sharded" / "run" / "final"), weights(tmp_path / "single" / "run" / "final")
+    start = weights(tiny_hf_dir)
+    assert any(not torch.equal(two[key], start[key]) for key in start)  # it trained
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], atol=2e-5, rtol=1e-4)
+    assert metric_steps(tmp_path / "sharded" / "run") == [1, 2, 3]
+    mm = load_model(tmp_path / "sharded" / "run" / "final", device="cpu")
+    assert generate(mm, "a photo", num_images=1, seed=0).images.shape[0] == 1
+
+
+def test_lora_bf16_with_gradient_checkpointing_exports_an_adapter_that_loads(tiny_hf_dir, prompts, tmp_path):
+    from mmr1.generation import generate
+    from mmr1.loading import load_model
+
+    config = write_config(tmp_path, tiny_hf_dir, prompts, steps=2, save_every=0, lora_rank=4, lora_alpha=8.0,
+                          learning_rate=5e-2, dtype="bf16", gradient_checkpointing=True, sample_every=1)
+    run(grpo_command(config))
+    final = tmp_path / "run" / "final"
+    adapter = json.loads((final / "adapter_config.json").read_text())
+    assert Path(adapter["base_model_name_or_path"]) == Path(tiny_hf_dir).resolve()
+    assert not (final / "model.safetensors").exists()
+    merged, base = load_model(final, device="cpu"), load_model(tiny_hf_dir, device="cpu")
+    assert merged.layout == "lora"
+    changed = [name for name, value in merged.model.state_dict().items()
+               if not torch.equal(value, base.model.state_dict()[name])]
+    assert changed and all("language_model" in name for name in changed)
+    assert generate(merged, "a photo", num_images=1, seed=0).images.shape[0] == 1
+    # visibility: a grid per step and the reward curves
+    grid = Image.open(tmp_path / "run" / "samples" / "step-000002.png")
+    assert grid.size[0] == 4 * merged.image_size
+    curves = Image.open(tmp_path / "run" / "curves.png")
+    assert curves.size[0] > 300 and np.unique(np.asarray(curves.convert("L"))).size > 2
+
+
+def test_record_order_visits_every_record_once_per_epoch_and_resumes():
+    order = RecordOrder(5, seed=3)
+    first = order.take(3) + order.take(2)
+    assert sorted(first) == list(range(5))
+    state = order.state_dict()
+    following = order.take(7)
+    resumed = RecordOrder(5, seed=3)
+    resumed.load_state_dict(state)
+    assert resumed.take(7) == following
+    assert sorted(following[:5]) == list(range(5)) and following[:5] != first
+
+
+def test_write_atomically_leaves_nothing_when_the_filling_fails(tmp_path):
+    def fill(folder: Path) -> None:
+        (folder / "part").write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        write_atomically(tmp_path / "checkpoint", fill)
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,307 @@
+"""What SFT and GRPO share around their step, on accelerate: processes and devices (one process, DDP, FSDP or
+DeepSpeed, chosen by `accelerate launch`), mixed precision, the objective module the engine wraps, the optimizer
+and its schedule, resumable checkpoints, metrics and exports.
+
+Layout of a run's `output_dir`:
+
+    metrics.jsonl              one JSON line per logged step
+    checkpoints/step-000020/   a folder mmr1 loads (model or LoRA adapter, processor, mmr1_training.json)
+        engine_state/          optimizer, schedule, RNG states and model as accelerate saves them
+        trainer_state.json     step and data position
+    final/                     the last step's export, without the engine state
+    samples/step-000020.png    sample grids (GRPO), curves.png at the end
+
+A run started again with the same output_dir resumes from its newest checkpoint (`resume = true`), and the result
+is the same as a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoints import publish, remove_leftovers, retire, temporary_name
+from .config import ConfigError, config_to_dict, knob
+from .data import RecordOrder
+from .policy import LORA_TARGETS, LoraSettings, Policy
+
+TRAINER_STATE = "trainer_state.json"
+ENGINE_STATE = "engine_state"
+# Keys that may change between a run and its resumption without changing what it computes.
+RESUMABLE_CHANGES = {"steps", "log_every", "save_every", "sample_every", "keep_checkpoints", "resume", "device"}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Knobs every recipe has; each recipe's config adds its own after these."""
+
+    model: Path = knob(None, "Janus checkpoint folder to start from (any layout mmr1 loads)")
+    data: Path = knob(None, "JSONL records; see training/data.py")
+    output_dir: Path = knob(Path("runs/train"), "checkpoints, metrics.jsonl, samples and curves.png go here")
+    steps: int = knob(100, "optimizer steps")
+    learning_rate: float = knob(1e-5, "AdamW learning rate (constant after warmup)")
+    warmup_steps: int = knob(0, "linear learning-rate warmup steps")
+    weight_decay: float = knob(0.0, "AdamW weight decay")
+    max_grad_norm: float = knob(1.0, "gradient clipping norm (0 disables)")
+    lora_rank: int = knob(0, "LoRA rank on the language model's projections (0: full fine-tune)")
+    lora_alpha: float = knob(16.0, "LoRA alpha (scale alpha/rank)")
+    lora_dropout: float = knob(0.0, "LoRA dropout")
+    lora_targets: tuple[str, ...] = knob(LORA_TARGETS, "language-model module names that get LoRA adapters")
+    subject_source: str = knob("reference", "visual intermediate in the chain: 'reference' or 'none'")
+    dtype: str = knob("fp32", "fp32, or bf16 (autocast with fp32 master weights, accelerate mixed precision)")
+    gradient_checkpointing: bool = knob(False, "recompute activations in backward to save memory")
+    device: str | None = knob(None, "'cpu' forces the CPU; otherwise accelerate picks each process's device")
+    seed: int = knob(0, "seed of data order, sampling and initialisation")
+    log_every: int = knob(1, "steps between metrics lines")
+    save_every: int = knob(0, "steps between resumable checkpoints (0: only at the end)")
+    keep_checkpoints: int = knob(2, "newest resumable checkpoints kept (older ones are deleted)")
+    resume: bool = knob(True, "continue from the newest checkpoint in output_dir when there is one")
+
+    def check_run_keys(self, at_least_one: tuple[str, ...] = ()) -> None:
+        """The checks every recipe shares; recipes call it from __post_init__ with their own counts."""
+        for name in ("model", "data"):
+            if getattr(self, name) is None:
+                raise ValueError(f"config key {name!r} is required")
+        for name in ("steps", "log_every", "keep_checkpoints", *at_least_one):
+            if getattr(self, name) < 1:
+                raise ValueError(f"config key {name!r} must be at least 1")
+        for name in ("warmup_steps", "save_every", "lora_rank"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"config key {name!r} must be at least 0")
+        if self.subject_source not in ("reference", "none"):
+            raise ValueError("config key 'subject_source' must be 'reference' or 'none'")
+        if self.dtype not in ("fp32", "bf16"):
+            raise ValueError("config key 'dtype' must be 'fp32' or 'bf16'")
+        if self.device not in (None, "cpu", "cuda", "mps", "xpu", "npu"):
+            raise ValueError("config key 'device' must be cpu, cuda, mps, xpu or npu (processes pick their index)")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError("config key 'lora_dropout' must be in [0, 1)")
+
+    @property
+    def lora(self) -> LoraSettings | None:
+        if not self.lora_rank:
+            return None
+        return LoraSettings(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets)
+
+
+class Objective(torch.nn.Module):
+    """The trainable model with the recipe's loss as its forward, so DDP, FSDP and DeepSpeed see one module whose
+    forward computes everything that is differentiated (they synchronise and shard around forward calls)."""
+
+    def __init__(self, model: torch.nn.Module, loss: Callable[..., Any]):
+        super().__init__()
+        self.model = model
+        self.loss = loss
+
+    def forward(self, *args, **kwargs):
+        return self.loss(*args, **kwargs)
+
+
+class Run:
+    """One training run: see the module docstring for what it writes."""
+
+    def __init__(self, recipe: str, config: RunConfig):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs, set_seed
+
+        self.recipe, self.config = recipe, config
+        self.output = Path(config.output_dir)
+        self.checkpoints = self.output / "checkpoints"
+        self.metrics_path = self.output / "metrics.jsonl"
+        self.latest = self._check_resumable()  # before any model loads: a mismatch is a config error
+        self.accelerator = Accelerator(
+            cpu=config.device == "cpu",
+            mixed_precision="bf16" if config.dtype == "bf16" else "no",
+            # Image steps leave the text head unused and reasoning steps the image head.
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
+        set_seed(config.seed)
+        self.policy: Policy | None = None
+        self.objective: torch.nn.Module | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def num_processes(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def process_index(self) -> int:
+        return self.accelerator.process_index
+
+    # -- set-up -------------------------------------------------------------------------------------------------
+
+    def _check_resumable(self) -> Path | None:
+        folders = sorted(self.checkpoints.glob("step-*")) if self.checkpoints.is_dir() else []
+        folders = [folder for folder in folders if (folder / TRAINER_STATE).is_file()]
+        if not folders:
+            return None
+        if not self.config.resume:
+            raise ConfigError(f"output_dir {self.output} already holds checkpoints of a run; set resume = true to "
+                              "continue it, or choose another output_dir.")
+        saved = json.loads((folders[-1] / TRAINER_STATE).read_text(encoding="utf-8"))
+        current = json.loads(json.dumps(config_to_dict(self.config)))  # tuples as the saved lists
+        changed = sorted(key for key in set(saved["config"]) | set(current)
+                         if key not in RESUMABLE_CHANGES and saved["config"].get(key) != current.get(key))
+        if saved["recipe"] != self.recipe or changed:
+            raise ConfigError(f"output_dir {self.output} holds a {saved['recipe']} run whose config differs in "
+                              f"{changed or ['recipe']}; resume it with the same config or choose another output_dir.")
+        return folders[-1]
+
+    def prepare(self, policy: Policy, loss: Callable[..., Any]) -> torch.nn.Module:
+        """Wrap the policy's model and `loss` for the engine; build the optimizer and the warmup schedule."""
+        self.policy = policy
+        config = self.config
+        if config.gradient_checkpointing:
+            # Non-reentrant: with LoRA the layers' inputs need no gradient, and reentrant checkpoints would cut them off.
+            policy.mm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        parameters = [p for p in policy.mm.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+        # Not prepared: accelerate would step a prepared scheduler once per process.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / max(config.warmup_steps, 1))
+        )
+        self.objective, self.optimizer = self.accelerator.prepare(Objective(policy.mm.model, loss), optimizer)
+        self.accelerator.register_for_checkpointing(self.scheduler)
+        self.parameters = parameters
+        return self.objective
+
+    def resume(self, order: RecordOrder) -> int:
+        """Restore the newest checkpoint (engine state, data position) when there is one; returns its step."""
+        if self.is_main and self.checkpoints.is_dir():
+            for leftover in remove_leftovers(self.checkpoints) + remove_leftovers(self.output):
+                print(f"removed {leftover.name}, left by an interrupted run")
+        self.accelerator.wait_for_everyone()
+        if self.latest is None:
+            if self.is_main:
+                self.output.mkdir(parents=True, exist_ok=True)
+                self.metrics_path.write_text("", encoding="utf-8")
+            return 0
+        self.accelerator.load_state(str(self.latest / ENGINE_STATE))
+        state = json.loads((self.latest / TRAINER_STATE).read_text(encoding="utf-8"))
+        order.load_state_dict(state["order"])
+        step = int(state["step"])
+        if self.is_main:
+            self._truncate_metrics(step)
+            print(f"resumed from {self.latest} (step {step})")
+        return step
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop the lines an interrupted run logged after its last checkpoint, so every step is logged once."""
+        lines = self.metrics_path.read_text(encoding="utf-8").splitlines() if self.metrics_path.exists() else []
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        temporary = self.metrics_path.with_name(".metrics.jsonl.tmp")
+        temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        temporary.replace(self.metrics_path)
+
+    # -- the step -----------------------------------------------------------------------------------------------
+
+    def micro_step(self, last: bool):
+        """Context for one forward and backward of a step's micro-batches: gradients synchronise on the last."""
+        return contextlib.nullcontext() if last else self.accelerator.no_sync(self.objective)
+
+    @contextlib.contextmanager
+    def generation_weights(self):
+        """Full weights on every process while sampling rollouts: FSDP and ZeRO-3 shard them between forwards."""
+        from accelerate.utils import DistributedType
+
+        kind = self.accelerator.distributed_type
+        if kind == DistributedType.FSDP:
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            with FullyShardedDataParallel.summon_full_params(self.objective, recurse=True, writeback=False):
+                yield
+        elif kind == DistributedType.DEEPSPEED and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.objective.parameters()), modifier_rank=None):
+                yield
+        else:
+            yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def optimizer_step(self) -> float:
+        """Clip, step, schedule, zero; returns the gradient norm before clipping (0 when clipping is off)."""
+        norm = 0.0
+        if self.config.max_grad_norm:
+            clipped = self.accelerator.clip_grad_norm_(self.parameters, self.config.max_grad_norm)
+            norm = float("nan") if clipped is None else float(clipped)  # DeepSpeed clips inside its engine
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    @property
+    def learning_rate(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def gather(self, values: torch.Tensor) -> torch.Tensor:
+        """`values` of every process, concatenated (on the CPU)."""
+        return self.accelerator.gather(values.to(self.device)).cpu()
+
+    def log(self, line: dict) -> None:
+        if self.is_main:
+            with self.metrics_path.open("a", encoding="utf-8") as metrics:
+                metrics.write(json.dumps(line) + "\n")
+
+    # -- checkpoints --------------------------------------------------------------------------------------------
+
+    def _record(self, step: int) -> dict:
+        return {"recipe": self.recipe, "step": step, "config": config_to_dict(self.config)}
+
+    def _write(self, destination: Path, step: int, fill_engine: Callable[[Path], None] | None) -> Path:
+        """Fill `destination` in its temporary twin on every process, then let the main process publish it."""
+        temporary = temporary_name(destination)
+        if self.is_main:
+            shutil.rmtree(temporary, ignore_errors=True)
+            temporary.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+        if fill_engine is not None:
+            fill_engine(temporary)
+        state = self.accelerator.get_state_dict(self.objective)  # gathered on the main process (FSDP, ZeRO-3)
+        if self.is_main:
+            was_training = self.policy.mm.model.training
+            prefix = "model."
+            self.policy.save(temporary, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
+                             self._record(step))
+            self.policy.mm.model.train(was_training)
+            publish(temporary, destination)
+        self.accelerator.wait_for_everyone()
+        return destination
+
+    def save_checkpoint(self, step: int, order: RecordOrder) -> Path:
+        """A resumable checkpoint that is also a loadable model folder; old ones beyond keep_checkpoints go."""
+
+        def fill_engine(folder: Path) -> None:
+            self.accelerator.save_state(str(folder / ENGINE_STATE))
+            if self.is_main:
+                state = {"step": step, "order": order.state_dict(), **self._record(step)}
+                (folder / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+
+        folder = self._write(self.checkpoints / f"step-{step:06d}", step, fill_engine)
+        if self.is_main:
+            for old in sorted(self.checkpoints.glob("step-*"))[: -self.config.keep_checkpoints]:
+                retire(old)
+        return folder
+
+    def save_final(self, step: int) -> Path:
+        return self._write(self.output / "final", step, None)
+
+    def end(self) -> None:
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
