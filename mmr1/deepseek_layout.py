@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from transformers import JanusConfig, JanusVisionConfig, JanusVQVAEConfig, LlamaConfig
 
-from mmr1.errors import ModelFolderError
+from .errors import ModelFolderError
 
 # siglip_vit.SigLIP_MODEL_CONFIG, the one preset Janus uses (its image_size entry is never read there).
 _SIGLIP_PRESETS: dict[str, dict[str, Any]] = {

@@ -28,6 +28,7 @@ MODEL_NAME = "mmr1-tiny"
 SLOW_MODEL_NAME = "mmr1-tiny-256"  # 256 tokens per image: long enough to interrupt mid-generation
 CORRUPT_MODEL_NAME = "broken/corrupt-weights"
 WEIGHTLESS_MODEL_NAME = "broken/no-weights"
+TRAINED_MODEL_NAMES = ("trained/grpo-full/final", "trained/grpo-lora/final")  # written by training.grpo
 REWARD_NAMES = {"dino": "tiny-dino", "clip_t": "tiny-clip"}
 REFERENCE_IMAGE = "mmr1_reference.png"
 START_TIMEOUT_S = 180
@@ -152,6 +153,7 @@ def build_base(base: Path) -> Path:
     for kind, name in REWARD_NAMES.items():
         make_tiny_reward_checkpoint(base / "models" / "mmr1_rewards" / name, kind)
     shutil.copy(REPO_ROOT / "assets" / "reference.png", base / "input" / REFERENCE_IMAGE)
+    train_tiny_grpo(models / MODEL_NAME, base / "input" / REFERENCE_IMAGE, models / "trained")
     config = base / "extra_model_paths.yaml"
     config.write_text(
         "mmr1_tests:\n"
@@ -161,6 +163,21 @@ def build_base(base: Path) -> Path:
         "    mmr1_rewards: models/mmr1_rewards\n"
     )
     return config
+
+
+def train_tiny_grpo(model: Path, reference: Path, out: Path) -> None:
+    """Two GRPO steps, full fine-tune and LoRA, written where the loader node lists them."""
+    from training.config import build_config
+    from training.data import Record, write_records
+    from training.grpo import GRPOConfig, train
+
+    write_records(out / "prompts.jsonl", [Record(id="toy", references=(reference,), prompt="a photo of it")])
+    for name, values in (("grpo-full", {}), ("grpo-lora", {"lora_rank": 4})):
+        train(build_config(GRPOConfig, {
+            "model": str(model), "data": str(out / "prompts.jsonl"), "output_dir": str(out / name), "steps": 2,
+            "num_generations": 2, "max_reasoning_tokens": 4, "cfg_scale": 2.0, "learning_rate": 1e-2,
+            "device": "cpu", **values,
+        }))
 
 
 def start_server(base: Path) -> ComfyServer:

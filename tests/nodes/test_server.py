@@ -19,6 +19,7 @@ from tests.nodes.comfy_server import (
     CORRUPT_MODEL_NAME,
     MODEL_NAME,
     SLOW_MODEL_NAME,
+    TRAINED_MODEL_NAMES,
     WEIGHTLESS_MODEL_NAME,
     load_workflow,
 )
@@ -79,6 +80,19 @@ def test_personalized_generation(comfy):
     assert not np.array_equal(images[0], images[1])  # seed and seed + 1
     reasoning = entry["outputs"]["3"]["text"][0]  # shown on the grounding node
     assert reasoning and entry["outputs"]["6"]["text"][0] == reasoning
+
+
+@pytest.mark.parametrize("name", TRAINED_MODEL_NAMES)
+def test_a_checkpoint_written_by_training_loads_in_the_loader_and_generates(comfy, name):
+    info = comfy.get("/object_info/MMR1LoadModel")
+    listed = info["MMR1LoadModel"]["input"]["required"]["model"][1]["options"]
+    assert name in listed and not any("engine_state" in entry for entry in listed)
+    workflow = personalized()
+    workflow["1"]["inputs"]["model"] = name
+    entry = comfy.run(workflow)
+    assert entry["status"]["status_str"] == "success", comfy.log_tail()
+    images = images_of(comfy, entry, "5")
+    assert len(images) == 2 and all(image.std() > 5 for image in images)
 
 
 def test_same_seed_same_images_and_the_model_is_reused(comfy):

@@ -199,6 +199,11 @@ def test_lora_bf16_with_gradient_checkpointing_exports_an_adapter_that_loads(tin
                if not torch.equal(value, base.model.state_dict()[name])]
     assert changed and all("language_model" in name for name in changed)
     assert generate(merged, "a photo", num_images=1, seed=0).images.shape[0] == 1
+    from mmr1.cli import main as mmr1_cli
+
+    assert mmr1_cli(["generate", "--model", str(final), "--ref", str(prompts.with_name("ref0.png")),
+                     "--prompt", "a photo of it", "--out", str(tmp_path / "generated"), "--device", "cpu"]) == 0
+    assert len(list((tmp_path / "generated").glob("*.png"))) == 1
     # visibility: a grid per step and the reward curves
     grid = Image.open(tmp_path / "run" / "samples" / "step-000002.png")
     assert grid.size[0] == 4 * merged.image_size
