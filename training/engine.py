@@ -18,6 +18,7 @@ is the same as a run that was never interrupted.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import shutil
 from collections.abc import Callable
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from mmr1.errors import MMR1Error
 
 from .checkpoints import publish, remove_leftovers, retire, temporary_name
 from .config import ConfigError, config_to_dict, knob
@@ -61,6 +64,8 @@ class RunConfig:
     seed: int = knob(0, "seed of data order, sampling and initialisation")
     log_every: int = knob(1, "steps between metrics lines")
     save_every: int = knob(0, "steps between resumable checkpoints (0: only at the end)")
+    sample_every: int = knob(0, "steps between sample grids in samples/ (GRPO: a group's rollouts with their "
+                                "rewards; SFT: the first 4 records) (0: never)")
     keep_checkpoints: int = knob(2, "newest resumable checkpoints kept (older ones are deleted)")
     resume: bool = knob(True, "continue from the newest checkpoint in output_dir when there is one")
 
@@ -72,7 +77,7 @@ class RunConfig:
         for name in ("steps", "log_every", "keep_checkpoints", *at_least_one):
             if getattr(self, name) < 1:
                 raise ValueError(f"config key {name!r} must be at least 1")
-        for name in ("warmup_steps", "save_every", "lora_rank"):
+        for name in ("warmup_steps", "save_every", "sample_every", "lora_rank"):
             if getattr(self, name) < 0:
                 raise ValueError(f"config key {name!r} must be at least 0")
         if self.subject_source not in ("reference", "none"):
@@ -104,10 +109,18 @@ class Objective(torch.nn.Module):
         return self.loss(*args, **kwargs)
 
 
+def require_training_extras() -> None:
+    """Fail before anything loads, not after training, when the train extra is missing."""
+    missing = [name for name in ("accelerate", "matplotlib") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise MMR1Error(f"Training needs {' and '.join(missing)}: pip install -e '.[train]'")
+
+
 class Run:
     """One training run: see the module docstring for what it writes."""
 
     def __init__(self, recipe: str, config: RunConfig):
+        require_training_extras()
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
@@ -254,6 +267,11 @@ class Run:
         """`values` of every process, concatenated (on the CPU)."""
         return self.accelerator.gather(values.to(self.device)).cpu()
 
+    def save_samples(self, step: int, grid) -> None:
+        if self.is_main:
+            (self.output / "samples").mkdir(exist_ok=True)
+            grid.save(self.output / "samples" / f"step-{step:06d}.png")
+
     def log(self, line: dict) -> None:
         if self.is_main:
             with self.metrics_path.open("a", encoding="utf-8") as metrics:
@@ -275,11 +293,9 @@ class Run:
             fill_engine(temporary)
         state = self.accelerator.get_state_dict(self.objective)  # gathered on the main process (FSDP, ZeRO-3)
         if self.is_main:
-            was_training = self.policy.mm.model.training
-            prefix = "model."
+            prefix = "model."  # the Objective's name for the policy's model
             self.policy.save(temporary, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
                              self._record(step))
-            self.policy.mm.model.train(was_training)
             publish(temporary, destination)
         self.accelerator.wait_for_everyone()
         return destination

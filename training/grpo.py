@@ -50,7 +50,6 @@ class GRPOConfig(RunConfig):
     top_p: float = knob(1.0, "image top-p (1: off)")
     reasoning_temperature: float = knob(1.0, "reasoning temperature")
     max_reasoning_tokens: int = knob(64, "reasoning length limit")
-    sample_every: int = knob(0, "steps between grids of the main process's first group in samples/ (0: never)")
 
     def __post_init__(self) -> None:
         self.check_run_keys(
@@ -64,8 +63,6 @@ class GRPOConfig(RunConfig):
             raise ValueError("config keys 'beta' must be >= 0 and 'epsilon' > 0")
         if not self.rewards:
             raise ValueError("config key 'rewards' needs at least one reward")
-        if self.sample_every < 0:
-            raise ValueError("config key 'sample_every' must be at least 0")
 
     @property
     def image_settings(self) -> SamplingSettings:
@@ -207,8 +204,6 @@ def train(config: GRPOConfig) -> Path:
 
     from mmr1.loading import load_model
 
-    import matplotlib  # noqa: F401  (curves.png at the end: fail now, not after training, when it is missing)
-
     records = read_records(config.data)
     run = Run("grpo", config)
     reward_functions = [build_reward(spec, device=str(run.device)) for spec in config.rewards]
@@ -257,9 +252,7 @@ def train(config: GRPOConfig) -> Path:
                 run.log(line)
             if run.is_main and config.sample_every and step % config.sample_every == 0:
                 captions = [f"{float(value):.3f}" for value in groups[0].rewards]
-                grid = sample_grid(groups[0].images, captions)
-                (run.output / "samples").mkdir(exist_ok=True)
-                grid.save(run.output / "samples" / f"step-{step:06d}.png")
+                run.save_samples(step, sample_grid(groups[0].images, captions))
             if (config.save_every and step % config.save_every == 0) or step == config.steps:
                 run.save_checkpoint(step, order)
     final = run.save_final(config.steps)

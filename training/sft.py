@@ -23,14 +23,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from mmr1.prompting import PromptSequence, batch_prefix, build_sequence, check_fits, embed_sequence
-from mmr1.xcot import extract_subject
+from mmr1.generation import generate
+from mmr1.xcot import extract_subject, ground
 
 from .config import knob, recipe_main
 from .data import Record, RecordOrder, read_records
 from .engine import Run, RunConfig
-from .plots import plot_curves
+from .plots import plot_curves, sample_grid
 from .policy import make_policy
 
 
@@ -106,6 +108,23 @@ def sft_loss(mm, examples: list[Example], unconditional: list[bool], text_weight
     return text_weight * text_loss + image_weight * image_loss, text_loss, image_loss
 
 
+SAMPLED_RECORDS = 4
+
+
+@torch.no_grad()
+def sample_records(mm, records: list[Record], config: SFTConfig) -> Image.Image:
+    """The model's own X-CoT on the first records (its reasoning, then the image), as a grid for samples/."""
+    training = mm.model.training
+    mm.model.eval()
+    images = []
+    for record in records[:SAMPLED_RECORDS]:
+        grounding = ground(mm, record.load_references(), record.prompt, max_new_tokens=64, seed=config.seed,
+                           subject_source=config.subject_source)
+        images.append(generate(mm, record.prompt, grounding, seed=config.seed).images[0])
+    mm.model.train(training)
+    return sample_grid(torch.stack(images), [record.id for record in records[:SAMPLED_RECORDS]])
+
+
 def train(config: SFTConfig) -> Path:
     """Run SFT (resuming from output_dir when it holds a checkpoint); returns the final checkpoint folder."""
     from tqdm.auto import tqdm
@@ -143,6 +162,8 @@ def train(config: SFTConfig) -> Path:
                 run.log({"step": step, "loss": float(totals[0]), "text_loss": float(totals[1]),
                          "image_loss": float(totals[2]), "lr": run.learning_rate, "grad_norm": grad_norm,
                          "seconds": round(time.perf_counter() - started, 3)})
+            if run.is_main and config.sample_every and step % config.sample_every == 0:
+                run.save_samples(step, sample_records(mm, records, config))
             if (config.save_every and step % config.save_every == 0) or step == config.steps:
                 run.save_checkpoint(step, order)
     final = run.save_final(config.steps)

@@ -231,3 +231,15 @@ def test_write_atomically_leaves_nothing_when_the_filling_fails(tmp_path):
     with pytest.raises(RuntimeError):
         write_atomically(tmp_path / "checkpoint", fill)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_missing_train_extra_is_named_before_anything_loads(monkeypatch):
+    import importlib.util
+
+    from mmr1.errors import MMR1Error
+    from training.engine import require_training_extras
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "matplotlib" else find_spec(name, *args))
+    with pytest.raises(MMR1Error, match=r"matplotlib: pip install -e '\.\[train\]'"):
+        require_training_extras()

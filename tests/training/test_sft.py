@@ -68,7 +68,7 @@ def test_sft_overfits_a_handful_of_samples(dataset, tiny_hf_dir, tmp_path):
     config = build_config(SFTConfig, {
         "model": str(tiny_hf_dir), "data": str(dataset), "output_dir": str(tmp_path / "run"), "steps": 60,
         "batch_size": 4, "learning_rate": 3e-3, "warmup_steps": 5, "unconditional_prob": 0.0, "log_every": 5,
-        "device": "cpu",
+        "device": "cpu", "sample_every": 30,
     })
     final = train(config)
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -82,6 +82,10 @@ def test_sft_overfits_a_handful_of_samples(dataset, tiny_hf_dir, tmp_path):
     assert json.loads((final / "mmr1_training.json").read_text())["step"] == 60
     assert generate(mm, "it on sand", num_images=1).images.shape == (1, 32, 32, 3)
     assert not any(path.name.startswith(".") for path in (tmp_path / "run").iterdir())  # no partial checkpoint
+    grids = sorted(path.name for path in (tmp_path / "run" / "samples").iterdir())
+    assert grids == ["step-000030.png", "step-000060.png"]
+    assert Image.open(tmp_path / "run" / "samples" / grids[-1]).size[0] == 4 * 32  # the 4 records side by side
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize(
