@@ -21,7 +21,7 @@ import contextlib
 import importlib.util
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from mmr1.errors import MMR1Error
 from .checkpoints import publish, remove_leftovers, retire, temporary_name
 from .config import ConfigError, config_to_dict, knob
 from .data import RecordOrder
+from .plots import plot_curves
 from .policy import LORA_TARGETS, LoraSettings, Policy
 
 TRAINER_STATE = "trainer_state.json"
@@ -267,10 +268,16 @@ class Run:
         """`values` of every process, concatenated (on the CPU)."""
         return self.accelerator.gather(values.to(self.device)).cpu()
 
+    def log_due(self, step: int) -> bool:
+        return step % self.config.log_every == 0 or step in (1, self.config.steps)
+
+    def samples_due(self, step: int) -> bool:
+        """Whether this process draws a sample grid now (only the main one writes them)."""
+        return self.is_main and bool(self.config.sample_every) and step % self.config.sample_every == 0
+
     def save_samples(self, step: int, grid) -> None:
-        if self.is_main:
-            (self.output / "samples").mkdir(exist_ok=True)
-            grid.save(self.output / "samples" / f"step-{step:06d}.png")
+        (self.output / "samples").mkdir(exist_ok=True)
+        grid.save(self.output / "samples" / f"step-{step:06d}.png")
 
     def log(self, line: dict) -> None:
         if self.is_main:
@@ -315,9 +322,16 @@ class Run:
                 retire(old)
         return folder
 
-    def save_final(self, step: int) -> Path:
-        return self._write(self.output / "final", step, None)
+    def end_of_step(self, step: int, order: RecordOrder) -> None:
+        """Write the resumable checkpoint when one is due: every save_every steps and at the last step."""
+        if (self.config.save_every and step % self.config.save_every == 0) or step == self.config.steps:
+            self.save_checkpoint(step, order)
 
-    def end(self) -> None:
+    def finish(self, curves: Sequence[str]) -> Path:
+        """Export final/, draw the logged `curves` into curves.png and end the processes; returns final/."""
+        final = self._write(self.output / "final", self.config.steps, None)
+        if self.is_main:
+            plot_curves(self.metrics_path, self.output / "curves.png", curves)
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
+        return final

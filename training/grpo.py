@@ -25,7 +25,7 @@ from mmr1.xcot import Grounding, extract_subject, parse_reasoning, reasoning_sto
 from .config import knob, recipe_main
 from .data import Record, RecordOrder, read_records
 from .engine import Run, RunConfig
-from .plots import plot_curves, sample_grid
+from .plots import sample_grid
 from .policy import make_policy
 from .rewards import build_reward
 
@@ -241,7 +241,7 @@ def train(config: GRPOConfig) -> Path:
             totals = run.gather(torch.tensor([[sum(losses) / len(losses), sampled, rollout_seconds]]))
             bar.update(1)
             bar.set_postfix(reward=f"{rewards.mean():.3f}")
-            if step % config.log_every == 0 or step == config.steps:
+            if run.log_due(step):
                 line = {"step": step, "loss": float(totals[:, 0].mean()), "reward_mean": float(rewards.mean()),
                         "reward_std": float(rewards.std(dim=1).mean()), "segments": list(names),
                         "lr": run.learning_rate, "grad_norm": grad_norm,
@@ -250,17 +250,11 @@ def train(config: GRPOConfig) -> Path:
                 for name, values in components.items():
                     line[f"{name}_mean"], line[f"{name}_std"] = float(values.mean()), float(values.std(dim=1).mean())
                 run.log(line)
-            if run.is_main and config.sample_every and step % config.sample_every == 0:
+            if run.samples_due(step):
                 captions = [f"{float(value):.3f}" for value in groups[0].rewards]
                 run.save_samples(step, sample_grid(groups[0].images, captions))
-            if (config.save_every and step % config.save_every == 0) or step == config.steps:
-                run.save_checkpoint(step, order)
-    final = run.save_final(config.steps)
-    if run.is_main:
-        keys = ["reward_mean"] + [f"{name}_mean" for name, _, _ in reward_functions] + ["image_kl", "reasoning_kl"]
-        plot_curves(run.metrics_path, run.output / "curves.png", keys)
-    run.end()
-    return final
+            run.end_of_step(step, order)
+    return run.finish(["reward_mean", *(f"{name}_mean" for name, _, _ in reward_functions), "image_kl", "reasoning_kl"])
 
 
 def main(argv: list[str] | None = None) -> int:

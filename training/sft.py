@@ -32,7 +32,7 @@ from mmr1.xcot import extract_subject, ground
 from .config import knob, recipe_main
 from .data import Record, RecordOrder, read_records
 from .engine import Run, RunConfig
-from .plots import plot_curves, sample_grid
+from .plots import sample_grid
 from .policy import make_policy
 
 
@@ -158,19 +158,14 @@ def train(config: SFTConfig) -> Path:
             totals = run.gather(totals.unsqueeze(0)).mean(dim=0)
             bar.update(1)
             bar.set_postfix(loss=f"{totals[0]:.3f}")
-            if step % config.log_every == 0 or step == 1 or step == config.steps:
+            if run.log_due(step):
                 run.log({"step": step, "loss": float(totals[0]), "text_loss": float(totals[1]),
                          "image_loss": float(totals[2]), "lr": run.learning_rate, "grad_norm": grad_norm,
                          "seconds": round(time.perf_counter() - started, 3)})
-            if run.is_main and config.sample_every and step % config.sample_every == 0:
+            if run.samples_due(step):
                 run.save_samples(step, sample_records(mm, records, config))
-            if (config.save_every and step % config.save_every == 0) or step == config.steps:
-                run.save_checkpoint(step, order)
-    final = run.save_final(config.steps)
-    if run.is_main:
-        plot_curves(run.metrics_path, run.output / "curves.png", ("loss", "text_loss", "image_loss"))
-    run.end()
-    return final
+            run.end_of_step(step, order)
+    return run.finish(("loss", "text_loss", "image_loss"))
 
 
 def main(argv: list[str] | None = None) -> int:
