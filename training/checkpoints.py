@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 TRAINING_RECORD = "mmr1_training.json"
@@ -45,19 +44,6 @@ def remove_leftovers(parent: Path) -> list[Path]:
     for path in leftovers:
         shutil.rmtree(path, ignore_errors=True)
     return leftovers
-
-
-def write_atomically(destination: Path, fill) -> Path:
-    """Create `destination` as a folder filled by `fill(temporary_folder)`, replacing any previous one whole."""
-    destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
-    try:
-        fill(temporary)
-        return publish(temporary, destination)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
 
 
 def write_training_record(folder: Path, record: dict) -> None:

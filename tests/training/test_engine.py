@@ -18,7 +18,6 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from training.checkpoints import write_atomically
 from training.config import ConfigError, build_config
 from training.data import Record, RecordOrder, write_records
 from training.engine import TRAINER_STATE
@@ -221,16 +220,6 @@ def test_record_order_visits_every_record_once_per_epoch_and_resumes():
     resumed.load_state_dict(state)
     assert resumed.take(7) == following
     assert sorted(following[:5]) == list(range(5)) and following[:5] != first
-
-
-def test_write_atomically_leaves_nothing_when_the_filling_fails(tmp_path):
-    def fill(folder: Path) -> None:
-        (folder / "part").write_text("half")
-        raise RuntimeError("disk full")
-
-    with pytest.raises(RuntimeError):
-        write_atomically(tmp_path / "checkpoint", fill)
-    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_missing_train_extra_is_named_before_anything_loads(monkeypatch):
