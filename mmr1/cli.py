@@ -1,29 +1,33 @@
-"""`python -m mmr1 ground|generate|score|make-tiny|make-tiny-reward`: the whole pipeline from a terminal."""
+"""`python -m mmr1 demo|ground|generate|score|make-tiny|make-tiny-reward`: the whole pipeline from a terminal."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from .embedded import MODEL_NAME
 from .errors import InputError, report_user_errors
 
+DEMO_CFG = 3.0  # what the embedded model was evaluated with (training/evaluate.py)
 DEFAULTS = {"cfg": 5.0, "temperature": 1.0, "ground_temperature": 0.7, "ground_top_p": 0.95, "max_new_tokens": 256}
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="Janus-Pro checkpoint folder (either layout) or LoRA adapter")
+    parser.add_argument("--model", default=MODEL_NAME,
+                        help=f"Janus-Pro checkpoint folder (either layout), LoRA adapter, or {MODEL_NAME} (embedded)")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda when available)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
                         help="auto: bf16 on GPUs that support it, fp32 on CPU")
     parser.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"), help="attention implementation")
 
 
-def _add_grounding_options(parser: argparse.ArgumentParser, required: bool) -> None:
-    parser.add_argument("--ref", action="append", default=[], required=required, metavar="IMAGE",
-                        help="reference image of the subject (repeat for several)")
-    parser.add_argument("--mask", action="append", default=[], metavar="IMAGE",
-                        help="mask cropping the subject (white = subject): one for all references, or one per --ref")
-    parser.add_argument("--prompt", required=True, help="what to generate, e.g. 'a photo of it on the beach'")
+def _add_grounding_options(parser: argparse.ArgumentParser, required: bool, demo: bool = False) -> None:
+    if not demo:
+        parser.add_argument("--ref", action="append", default=[], required=required, metavar="IMAGE",
+                            help="reference image of the subject (repeat for several)")
+        parser.add_argument("--mask", action="append", default=[], metavar="IMAGE",
+                            help="mask cropping the subject (white = subject): one for all references, or one per --ref")
+    parser.add_argument("--prompt", required=not demo, help="what to generate, e.g. 'a photo of it on the beach'")
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULTS["max_new_tokens"], help="reasoning length limit")
     parser.add_argument("--ground-temperature", type=float, default=DEFAULTS["ground_temperature"],
                         help="temperature of the reasoning text (0: greedy)")
@@ -31,6 +35,22 @@ def _add_grounding_options(parser: argparse.ArgumentParser, required: bool) -> N
     parser.add_argument("--subject", default="reference", choices=("reference", "none"),
                         help="visual intermediate: the first reference as VQ tokens, or none")
     parser.add_argument("--seed", type=int, default=0, help="seed; image i of a batch uses seed + i")
+
+
+def _add_generation_options(parser: argparse.ArgumentParser, demo: bool) -> None:
+    _add_model_options(parser)
+    _add_grounding_options(parser, required=False, demo=demo)
+    reasoning = parser.add_mutually_exclusive_group()
+    reasoning.add_argument("--reasoning", help="use this (edited) reasoning instead of grounding's own")
+    reasoning.add_argument("--reasoning-file", type=Path, help="read the reasoning from this file")
+    reasoning.add_argument("--no-reasoning", action="store_true", help="condition on the references without reasoning")
+    parser.add_argument("--num-images", type=int, default=4 if demo else 1)
+    parser.add_argument("--cfg", type=float, default=DEMO_CFG if demo else DEFAULTS["cfg"],
+                        help="classifier-free guidance scale (1: off)")
+    parser.add_argument("--temperature", type=float, default=DEFAULTS["temperature"], help="image token temperature")
+    parser.add_argument("--top-k", type=int, default=0, help="0: off")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1: off")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,18 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     ground.add_argument("--out", type=Path, help="write the grounding JSON here (default: print it)")
 
     generate = commands.add_parser("generate", help="personalized generation: PNGs plus a JSON record")
-    _add_model_options(generate)
-    _add_grounding_options(generate, required=False)
-    reasoning = generate.add_mutually_exclusive_group()
-    reasoning.add_argument("--reasoning", help="use this (edited) reasoning instead of grounding's own")
-    reasoning.add_argument("--reasoning-file", type=Path, help="read the reasoning from this file")
-    reasoning.add_argument("--no-reasoning", action="store_true", help="condition on the references without reasoning")
-    generate.add_argument("--num-images", type=int, default=1)
-    generate.add_argument("--cfg", type=float, default=DEFAULTS["cfg"], help="classifier-free guidance scale (1: off)")
-    generate.add_argument("--temperature", type=float, default=DEFAULTS["temperature"], help="image token temperature")
-    generate.add_argument("--top-k", type=int, default=0, help="0: off")
-    generate.add_argument("--top-p", type=float, default=1.0, help="1: off")
-    generate.add_argument("--out", type=Path, required=True, help="output folder")
+    _add_generation_options(generate, demo=False)
+    demo = commands.add_parser("demo", help="personalized generation with the embedded model and bundled references")
+    _add_generation_options(demo, demo=True)
 
     score = commands.add_parser("score", help="reward scores of images (DINO, CLIP-I, CLIP-T, PickScore)")
     score.add_argument("--images", nargs="+", required=True, type=Path)
@@ -243,6 +254,21 @@ def _generate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_command(args: argparse.Namespace) -> int:
+    """`generate` on the bundled references of a subject the embedded model never saw in training."""
+    import shutil
+
+    from .embedded import demo_task
+
+    references, default_prompt = demo_task()
+    args.ref, args.mask, args.prompt = references, [], args.prompt or default_prompt
+    status = _generate_command(args)
+    for index, path in enumerate(references):
+        shutil.copyfile(path, args.out / f"reference-{index + 1}.png")
+    print(f"prompt: {args.prompt}\nreferences copied to {args.out} as reference-N.png")
+    return status
+
+
 def _score_command(args: argparse.Namespace) -> int:
     from .metadata import dumps
     from .rewards import WeightedReward, load_reward_model, parse_reward_spec
@@ -271,5 +297,6 @@ _COMMANDS = {
     "make-tiny-reward": _make_tiny_reward,
     "ground": _ground_command,
     "generate": _generate_command,
+    "demo": _demo_command,
     "score": _score_command,
 }

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .embedded import resolve as resolve_embedded
 from .errors import InputError, ModelFolderError
 from .model import MMR1Model
 from .tokens import PAD, PROCESSOR_EXTRA_SPECIAL_TOKENS, SpecialTokens, janus_tokenizer_class
@@ -70,7 +71,8 @@ def load_model(
     device: str | torch.device | None = None,
     attn_implementation: str = "sdpa",
 ) -> MMR1Model:
-    """Load the model, processor and special-token ids of a checkpoint folder in any supported layout."""
+    """Load the model, processor and special-token ids of a checkpoint folder in any supported layout
+    (or of the embedded model, by its name `mmr1-world`)."""
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
@@ -78,7 +80,7 @@ def load_model(
             f"Unknown attention implementation {attn_implementation!r}; choose one of "
             f"{', '.join(ATTENTION_IMPLEMENTATIONS)}."
         )
-    path = _check_folder(folder)
+    path = _check_folder(resolve_embedded(folder))
     if (path / "adapter_config.json").is_file():
         return _load_lora(path, torch_dtype, device, attn_implementation)
     layout = detect_layout(path)

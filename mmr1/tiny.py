@@ -19,8 +19,8 @@ from .tokens import BOS, EOS, JANUS_SPECIAL_TOKENS, PAD, PROCESSOR_EXTRA_SPECIAL
 
 LAYOUTS = ("hf", "deepseek")
 
-# Words the tiny tokenizer learns its merges from: the chat roles, X-CoT tags and a personalization vocabulary.
-_TOKENIZER_CORPUS = """
+# The text the tiny tokenizer learns its merges from: the chat roles, X-CoT tags and a personalization vocabulary.
+TOKENIZER_CORPUS = """
 <|User|>: <|Assistant|>: <think> </think> <subject> </subject> <scene> </scene>
 The images show one subject. Describe what defines it: class, colours, shape, marks. Then plan the scene.
 a photo of a dog cat toy sneaker backpack teapot vase clock candle robot plushie boot sunglasses bowl car
@@ -53,8 +53,9 @@ class TinySpec:
     initializer_range: float = 0.1  # wider than the real 0.02, so conditioning visibly moves the tiny model
 
 
-def build_tokenizer(vocab_size: int):
-    """A byte-level BPE tokenizer (like DeepSeek's) wrapped so that JanusProcessor accepts it."""
+def build_tokenizer(vocab_size: int, corpus: str = TOKENIZER_CORPUS):
+    """A byte-level BPE tokenizer (like DeepSeek's) wrapped so that JanusProcessor accepts it; its merges are learnt
+    from `corpus`, so the words of that text become single tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     backend = Tokenizer(models.BPE())
@@ -66,7 +67,7 @@ def build_tokenizer(vocab_size: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator(_TOKENIZER_CORPUS.split("\n"), trainer=trainer)
+    backend.train_from_iterator(corpus.split("\n"), trainer=trainer)
     return janus_tokenizer_class()(
         tokenizer_object=backend,
         bos_token=BOS,
@@ -77,10 +78,46 @@ def build_tokenizer(vocab_size: int):
     )
 
 
+def build_vision_config(spec: TinySpec):
+    """The understanding encoder (SigLIP-style ViT) of the tiny sizes."""
+    from transformers.models.janus.configuration_janus import JanusVisionConfig
+
+    return JanusVisionConfig(
+        hidden_size=spec.vision_hidden_size,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        mlp_ratio=2.0,
+        projection_dim=spec.hidden_size,
+        num_image_tokens=(spec.image_size // spec.patch_size) ** 2,
+        initializer_range=spec.initializer_range,
+    )
+
+
+def build_vq_config(spec: TinySpec):
+    """The VQ tokenizer of the tiny sizes."""
+    from transformers.models.janus.configuration_janus import JanusVQVAEConfig
+
+    if (spec.image_size // spec.patch_size) * 2 ** (len(spec.vq_channel_multiplier) - 1) != spec.image_size:
+        raise InputError("The VQ downsampling must map image_size onto the vision patch grid.")
+    return JanusVQVAEConfig(
+        embed_dim=spec.vq_embed_dim,
+        num_embeddings=spec.vq_codebook_size,
+        base_channels=spec.vq_base_channels,
+        channel_multiplier=list(spec.vq_channel_multiplier),
+        latent_channels=spec.vq_latent_channels,
+        num_res_blocks=1,
+        num_patches=spec.image_size // spec.patch_size,
+        projection_dim=spec.hidden_size,
+        image_token_embed_dim=spec.hidden_size,
+        initializer_range=spec.initializer_range,
+    )
+
+
 def build_janus_config(spec: TinySpec, tokenizer):
     """JanusConfig of the tiny sizes; embeddings untied, as in Janus-Pro."""
     from transformers import JanusConfig, LlamaConfig
-    from transformers.models.janus.configuration_janus import JanusVisionConfig, JanusVQVAEConfig
 
     vocab_size = -(-len(tokenizer) // 64) * 64
     text_config = LlamaConfig(
@@ -98,35 +135,10 @@ def build_janus_config(spec: TinySpec, tokenizer):
         pad_token_id=tokenizer.pad_token_id,
         initializer_range=spec.initializer_range,
     )
-    patches_per_side = spec.image_size // spec.patch_size
-    vision_config = JanusVisionConfig(
-        hidden_size=spec.vision_hidden_size,
-        num_hidden_layers=spec.vision_layers,
-        num_attention_heads=spec.vision_heads,
-        image_size=spec.image_size,
-        patch_size=spec.patch_size,
-        mlp_ratio=2.0,
-        projection_dim=spec.hidden_size,
-        num_image_tokens=patches_per_side**2,
-        initializer_range=spec.initializer_range,
-    )
-    vq_config = JanusVQVAEConfig(
-        embed_dim=spec.vq_embed_dim,
-        num_embeddings=spec.vq_codebook_size,
-        base_channels=spec.vq_base_channels,
-        channel_multiplier=list(spec.vq_channel_multiplier),
-        latent_channels=spec.vq_latent_channels,
-        num_res_blocks=1,
-        projection_dim=spec.hidden_size,
-        image_token_embed_dim=spec.hidden_size,
-        initializer_range=spec.initializer_range,
-    )
-    if patches_per_side * 2 ** (len(spec.vq_channel_multiplier) - 1) != spec.image_size:
-        raise InputError("The VQ downsampling must map image_size onto the vision patch grid.")
     return JanusConfig(
         text_config=text_config.to_dict(),
-        vision_config=vision_config.to_dict(),
-        vq_config=vq_config.to_dict(),
+        vision_config=build_vision_config(spec).to_dict(),
+        vq_config=build_vq_config(spec).to_dict(),
         image_token_id=tokenizer.convert_tokens_to_ids(PROCESSOR_EXTRA_SPECIAL_TOKENS["image_token"]),
         tie_word_embeddings=False,
     )
@@ -148,16 +160,21 @@ def build_processor(tokenizer, image_size: int, num_image_tokens: int):
 
 
 def make_tiny_checkpoint(
-    out_dir: str | os.PathLike, layout: str = "hf", seed: int = 0, spec: TinySpec = TinySpec()
+    out_dir: str | os.PathLike,
+    layout: str = "hf",
+    seed: int = 0,
+    spec: TinySpec = TinySpec(),
+    corpus: str = TOKENIZER_CORPUS,
 ) -> Path:
-    """Write a tiny random Janus checkpoint in `layout` ("hf": transformers, "deepseek": original) to `out_dir`."""
+    """Write a tiny random Janus checkpoint in `layout` ("hf": transformers, "deepseek": original) to `out_dir`;
+    the tokenizer learns its merges from `corpus` (the chat template plus a personalization vocabulary)."""
     from transformers import JanusForConditionalGeneration
 
     if layout not in LAYOUTS:
         raise InputError(f"Unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(spec.tokenizer_vocab_size)
+    tokenizer = build_tokenizer(spec.tokenizer_vocab_size, corpus)
     config = build_janus_config(spec, tokenizer)
     torch.manual_seed(seed)
     model = JanusForConditionalGeneration(config).eval()

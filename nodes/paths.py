@@ -1,4 +1,5 @@
-"""Model folders of the pack: `models/mmr1` (Janus checkpoints, training/ outputs) and `models/mmr1_rewards`.
+"""Model folders of the pack: `models/mmr1` (Janus checkpoints, training/ outputs) and `models/mmr1_rewards`,
+plus the embedded model and reward model shipped inside the pack (`mmr1-world`, `mmr1-world-clip`), listed first.
 
 Both are registered with `folder_paths.add_model_folder_path`, which appends, so extra_model_paths.yaml entries
 (`mmr1: /data/janus`) keep working. Combos list folder names relative to a root; only listed names resolve to
@@ -12,12 +13,14 @@ from pathlib import Path
 
 import folder_paths
 
-from ..mmr1.errors import ModelFolderError
+from ..mmr1.embedded import MODEL_NAME, REWARD_NAME, embedded_path
+from ..mmr1.errors import MMR1Error, ModelFolderError
 
 MODELS = "mmr1"
 REWARDS = "mmr1_rewards"
 _MARKERS = ("config.json", "adapter_config.json")
 _MAX_DEPTH = 3  # models/mmr1/<organisation>/<run>/<checkpoint>
+_EMBEDDED = {MODELS: MODEL_NAME, REWARDS: REWARD_NAME}
 
 
 def register_model_folders() -> None:
@@ -43,7 +46,16 @@ def list_model_folders(kind: str) -> list[str]:
             elif depth >= _MAX_DEPTH:
                 subfolders.clear()
             subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
-    return sorted(names)
+    embedded = [] if kind not in _EMBEDDED or _EMBEDDED[kind] in names or _embedded_folder(kind) is None else [_EMBEDDED[kind]]
+    return embedded + sorted(names)
+
+
+def _embedded_folder(kind: str) -> Path | None:
+    """The shipped folder of `kind`, or None where this copy of the pack lacks its assets."""
+    try:
+        return embedded_path(_EMBEDDED[kind])
+    except MMR1Error:
+        return None
 
 
 def resolve_model_folder(kind: str, name: str) -> Path:
@@ -52,6 +64,8 @@ def resolve_model_folder(kind: str, name: str) -> Path:
         for root in roots(kind):
             if (root / name).is_dir():
                 return root / name
+        if name == _EMBEDDED.get(kind):
+            return embedded_path(name)
     searched = ", ".join(str(root) for root in roots(kind)) or "(no folder registered)"
     raise ModelFolderError(
         f"The model {name!r} is not in models/{kind} any more (searched: {searched}). Put the checkpoint folder "

@@ -308,6 +308,11 @@ def _dreambench_tables(prompts_file: Path) -> tuple[dict[str, str], list[str], l
     return classes, object_prompts, live_prompts
 
 
+def dreambench_photos(root: str | Path, subject: str) -> list[Path]:
+    """The subject's photos in name order: the references drawn from, and the real images metrics compare with."""
+    return sorted(path for path in (_absolute(root) / subject).glob("*") if path.suffix.lower() in PHOTO_SUFFIXES)
+
+
 def dreambench_records(
     root: str | Path,
     references_per_record: int = 3,
@@ -330,10 +335,7 @@ def dreambench_records(
             raise InputError(f"Unknown DreamBench subjects {', '.join(unknown)}; known: {', '.join(classes)}.")
     chosen = [name for name in classes if subjects is None or name in subjects]
 
-    photos = {
-        name: sorted(path for path in (root / name).glob("*") if path.suffix.lower() in PHOTO_SUFFIXES)
-        for name in chosen
-    }
+    photos = {name: dreambench_photos(root, name) for name in chosen}
     too_few = [f"{name} ({len(found)})" for name, found in photos.items() if len(found) < references_per_record]
     if too_few:
         raise InputError(

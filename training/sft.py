@@ -9,7 +9,9 @@ The text segment (the reasoning up to and including the <begin_of_image> that en
 is scored by the language head, the image segment by the generation head. Each segment's loss is a mean over
 its own tokens and the two are weighted, so 576 image tokens do not drown 50 reasoning tokens. With probability
 `unconditional_prob` an example's image segment sees the unconditional (padded) context instead, which keeps
-classifier-free guidance meaningful.
+classifier-free guidance meaningful. With probability `reasoning_drop_prob` it sees the references without
+the reasoning (and has no text loss), so the same model can also generate straight from references: the
+baseline that training/evaluate.py compares X-CoT against.
 
     python -m training.sft --config training/configs/sft_tiny.toml
 """
@@ -48,11 +50,13 @@ class SFTConfig(RunConfig):
     text_weight: float = knob(1.0, "weight of the reasoning (text) segment's mean loss")
     image_weight: float = knob(1.0, "weight of the image segment's mean loss")
     unconditional_prob: float = knob(0.1, "probability that an example's image segment sees the padded context")
+    reasoning_drop_prob: float = knob(0.0, "probability that an example is drawn from references without reasoning")
 
     def __post_init__(self) -> None:
         self.check_run_keys(at_least_one=("batch_size", "gradient_accumulation"))
-        if not 0.0 <= self.unconditional_prob < 1.0:
-            raise ValueError("config key 'unconditional_prob' must be in [0, 1)")
+        for name in ("unconditional_prob", "reasoning_drop_prob"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"config key {name!r} must be in [0, 1)")
 
 
 @dataclass
@@ -63,6 +67,7 @@ class Example:
     text_start: int  # first position of the reasoning segment
     text_end: int  # last position of it: the <begin_of_image> that ends the reasoning
     target_tokens: torch.Tensor  # [T] VQ tokens of the target image
+    without_reasoning: PromptSequence  # the same chain with the reasoning left out (no text loss)
 
 
 def prepare_example(mm, record: Record, subject_source: str) -> Example:
@@ -74,14 +79,27 @@ def prepare_example(mm, record: Record, subject_source: str) -> Example:
     after = sequence.input_ids[len(grounding):]
     text_end = len(grounding) + int((after == mm.tokens.begin_of_image).nonzero()[0])
     target_tokens = mm.encode_image_tokens([record.load_target()])[0].cpu()
-    return Example(sequence, len(grounding), text_end, target_tokens)
+    without = build_sequence(mm, record.prompt, references, reasoning="", subject_tokens=subject_tokens)
+    return Example(sequence, len(grounding), text_end, target_tokens, without)
 
 
-def sft_loss(mm, examples: list[Example], unconditional: list[bool], text_weight: float, image_weight: float):
-    """Weighted per-segment mean cross-entropies; returns (loss, text loss, image loss) as tensors."""
-    rows = []
-    for example, drop in zip(examples, unconditional):
-        context = embed_sequence(mm, example.sequence, unconditional=drop)
+def sft_loss(
+    mm,
+    examples: list[Example],
+    unconditional: list[bool],
+    text_weight: float,
+    image_weight: float,
+    no_reasoning: list[bool] | None = None,
+):
+    """Weighted per-segment mean cross-entropies; returns (loss, text loss, image loss) as tensors.
+
+    `unconditional[i]`: example i's image sees the padded context; `no_reasoning[i]`: it sees the references
+    without reasoning. Either way it has no text loss."""
+    no_reasoning = no_reasoning or [False] * len(examples)
+    rows, sequences = [], []
+    for example, drop, bare in zip(examples, unconditional, no_reasoning):
+        sequences.append(example.without_reasoning if bare else example.sequence)
+        context = embed_sequence(mm, sequences[-1], unconditional=drop)
         rows.append(torch.cat([context, mm.embed_image_tokens(example.target_tokens[:-1]).to(context.dtype)]))
     prefix = batch_prefix(mm, rows)
     hidden = mm.language_model(
@@ -89,10 +107,10 @@ def sft_loss(mm, examples: list[Example], unconditional: list[bool], text_weight
         use_cache=False,
     ).last_hidden_state
     text_hidden, text_labels, image_hidden, image_labels = [], [], [], []
-    for row, (example, drop, embeds) in enumerate(zip(examples, unconditional, rows)):
+    for row, (example, drop, bare, embeds) in enumerate(zip(examples, unconditional, no_reasoning, rows)):
         offset = hidden.shape[1] - embeds.shape[0]
-        context_length = len(example.sequence)
-        if not drop:
+        context_length = len(sequences[row])
+        if not drop and not bare:
             positions = torch.arange(example.text_start, example.text_end + 1)
             text_hidden.append(hidden[row, offset + positions - 1])
             text_labels.append(example.sequence.input_ids[positions])
@@ -136,8 +154,8 @@ def train(config: SFTConfig) -> Path:
     mm = load_model(config.model, device=run.device)
     examples = [prepare_example(mm, record, config.subject_source) for record in records]
     policy = make_policy(mm, config.model, config.lora, with_reference=False)
-    objective = run.prepare(policy, lambda batch, unconditional: sft_loss(
-        mm, batch, unconditional, config.text_weight, config.image_weight))
+    objective = run.prepare(policy, lambda batch, unconditional, no_reasoning: sft_loss(
+        mm, batch, unconditional, config.text_weight, config.image_weight, no_reasoning))
     order = RecordOrder(len(examples), config.seed)
     start = run.resume(order)
     mm.model.train()
@@ -150,8 +168,9 @@ def train(config: SFTConfig) -> Path:
                 indices = order.take(share * run.num_processes)[run.process_index * share:][:share]
                 draws = random.Random(f"{config.seed}-{step}-{micro}-{run.process_index}")
                 unconditional = [draws.random() < config.unconditional_prob for _ in indices]
+                no_reasoning = [draws.random() < config.reasoning_drop_prob for _ in indices]
                 with run.micro_step(last=micro == config.gradient_accumulation - 1):
-                    losses = objective([examples[index] for index in indices], unconditional)
+                    losses = objective([examples[index] for index in indices], unconditional, no_reasoning)
                     run.backward(losses[0] / config.gradient_accumulation)
                 totals += torch.stack([loss.detach().float().cpu() for loss in losses]) / config.gradient_accumulation
             grad_norm = run.optimizer_step()

@@ -24,6 +24,7 @@ import transformers
 from PIL import Image
 from safetensors import SafetensorError
 
+from ..embedded import resolve as resolve_embedded
 from ..errors import InputError, ModelFolderError
 from ..images import to_rgb
 
@@ -43,7 +44,7 @@ _PICKSCORE_PROCESSOR_HINT = (
 )
 
 
-def _features(output: torch.Tensor | Any) -> torch.Tensor:
+def feature_tensor(output: torch.Tensor | Any) -> torch.Tensor:
     """CLIP's get_*_features return a tensor in transformers 4.x and a ModelOutput with `pooler_output` in 5.x."""
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
@@ -55,7 +56,7 @@ def _cls_token(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tens
 
 def _clip_image_features(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """CLIP image embedding: the projected pooled vision output."""
-    return _features(model.get_image_features(pixel_values=pixel_values))
+    return feature_tensor(model.get_image_features(pixel_values=pixel_values))
 
 
 @dataclass(frozen=True)
@@ -240,7 +241,7 @@ class TextAlignmentReward(RewardModel):
             tokens = self.tokenizer(
                 list(batch), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
             ).to(self.device)
-            features = _features(
+            features = feature_tensor(
                 self.model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
             )
             embeddings.append(F.normalize(features.float(), dim=-1))
@@ -298,7 +299,7 @@ def load_reward_model(
     if kind not in _KIND_SPECS:
         raise InputError(f"Unknown reward kind {kind!r}; expected one of {', '.join(REWARD_KINDS)}.")
     spec = _KIND_SPECS[kind]
-    folder = Path(folder).expanduser()
+    folder = resolve_embedded(folder)
     model_type = _read_config(folder).get("model_type")
     if model_type != spec.model_type:
         raise ModelFolderError(

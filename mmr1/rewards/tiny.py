@@ -48,7 +48,7 @@ def _save_random_model(model_class: str, config: Any, out_dir: Path, seed: int, 
     model.save_pretrained(out_dir, safe_serialization=True)
 
 
-def _build_clip_tokenizer(out_dir: Path) -> Tokenizer:
+def _build_clip_tokenizer(out_dir: Path, words: list[str], context: int) -> Tokenizer:
     """A CLIP-style byte-level BPE (same normalizer, split and `</w>` word ends) trained offline on a word list."""
     tokenizer = Tokenizer(BPE(unk_token=_EOS, end_of_word_suffix="</w>"))
     tokenizer.normalizer = normalizers.Sequence(
@@ -68,7 +68,7 @@ def _build_clip_tokenizer(out_dir: Path) -> Tokenizer:
         end_of_word_suffix="</w>",
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_TOKENIZER_CORPUS, trainer)
+    tokenizer.train_from_iterator(words, trainer)
     tokenizer.post_processor = processors.RobertaProcessing(  # <|startoftext|> ... <|endoftext|>, as CLIP
         (_EOS, tokenizer.token_to_id(_EOS)),
         (_BOS, tokenizer.token_to_id(_BOS)),
@@ -84,7 +84,7 @@ def _build_clip_tokenizer(out_dir: Path) -> Tokenizer:
             "eos_token": _EOS,
             "pad_token": _EOS,
             "unk_token": _EOS,
-            "model_max_length": _TEXT_CONTEXT,
+            "model_max_length": context,
         },
     )
     return tokenizer
@@ -111,15 +111,17 @@ def _build_dino(out_dir: Path, seed: int) -> None:
     )
 
 
-def _center_crop_preprocessor(processor_type: str, mean: list[float], std: list[float]) -> dict:
+def _center_crop_preprocessor(
+    processor_type: str, mean: list[float], std: list[float], image_size: int = _IMAGE_SIZE
+) -> dict:
     """Resize the short side, then centre-crop: the preprocessing of the real DINOv2 and CLIP checkpoints."""
     return {
         "image_processor_type": processor_type,
         "do_resize": True,
-        "size": {"shortest_edge": _IMAGE_SIZE},
+        "size": {"shortest_edge": image_size},
         "resample": 3,
         "do_center_crop": True,
-        "crop_size": {"height": _IMAGE_SIZE, "width": _IMAGE_SIZE},
+        "crop_size": {"height": image_size, "width": image_size},
         "do_rescale": True,
         "rescale_factor": 1 / 255,
         "do_normalize": True,
@@ -135,23 +137,42 @@ def _build_dinov2(out_dir: Path, seed: int) -> None:
     _write_json(out_dir / "preprocessor_config.json", _center_crop_preprocessor("BitImageProcessor", _IMAGENET_MEAN, _IMAGENET_STD))
 
 
-def _build_clip(out_dir: Path, seed: int) -> None:
-    tokenizer = _build_clip_tokenizer(out_dir)
+def build_clip_folder(
+    out_dir: Path,
+    seed: int,
+    words: list[str] = _TOKENIZER_CORPUS,
+    image_size: int = _IMAGE_SIZE,
+    patch_size: int = _PATCH_SIZE,
+    block: dict[str, int] = _TINY_BLOCK,
+    intermediate_size: int = 64,
+    context: int = _TEXT_CONTEXT,
+    projection_dim: int = 16,
+) -> None:
+    """A random CLIP folder (weights, tokenizer, preprocessor) of the given sizes; training/clip_reward.py trains
+    one of these on the procedural world, the tests use the tiny defaults."""
+    tokenizer = _build_clip_tokenizer(out_dir, words, context)
     config = transformers.CLIPConfig(
         text_config={
-            **_TINY_BLOCK,
-            "intermediate_size": 64,
+            **block,
+            "intermediate_size": intermediate_size,
             "vocab_size": tokenizer.get_vocab_size(),
-            "max_position_embeddings": _TEXT_CONTEXT,
+            "max_position_embeddings": context,
             "bos_token_id": tokenizer.token_to_id(_BOS),
             "eos_token_id": tokenizer.token_to_id(_EOS),
             "pad_token_id": tokenizer.token_to_id(_EOS),
         },
-        vision_config={**_TINY_BLOCK, "intermediate_size": 64, "image_size": _IMAGE_SIZE, "patch_size": _PATCH_SIZE},
-        projection_dim=16,
+        vision_config={**block, "intermediate_size": intermediate_size, "image_size": image_size, "patch_size": patch_size},
+        projection_dim=projection_dim,
     )
     _save_random_model("CLIPModel", config, out_dir, seed)
-    _write_json(out_dir / "preprocessor_config.json", _center_crop_preprocessor("CLIPImageProcessor", _CLIP_MEAN, _CLIP_STD))
+    _write_json(
+        out_dir / "preprocessor_config.json",
+        _center_crop_preprocessor("CLIPImageProcessor", _CLIP_MEAN, _CLIP_STD, image_size),
+    )
+
+
+def _build_clip(out_dir: Path, seed: int) -> None:
+    build_clip_folder(out_dir, seed)
 
 
 _BUILDERS = {

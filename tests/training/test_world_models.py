@@ -1,0 +1,89 @@
+"""The embedded model's parts, each trained a few steps: VQ tokenizer, understanding encoder, judge, reward model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mmr1.errors import InputError
+from mmr1.tiny import TinySpec
+from training.fit import fit, to_pixels
+from training.world import ATTRIBUTES, labelled_scenes
+
+SMALL_VQ = TinySpec(image_size=64, patch_size=4, vq_codebook_size=64, vq_base_channels=32,
+                    vq_channel_multiplier=(1, 1, 1), vq_latent_channels=32)
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    return labelled_scenes(256, seed=0)
+
+
+def test_fit_lowers_a_loss_with_warmup_and_cosine_decay():
+    weight = torch.nn.Parameter(torch.tensor([4.0]))
+    losses = fit([weight], lambda step: (weight**2).sum(), steps=60, learning_rate=0.3, description="toy")
+    assert len(losses) == 60 and losses[-1] < 0.05 * losses[0]
+
+
+def test_vq_training_reconstructs_better_and_transformers_encode_agrees_with_mmr1(scenes):
+    from training.vq import reconstruct, reconstruction_error, train_vq
+
+    from transformers.models.janus.modeling_janus import JanusVQVAE
+
+    from mmr1.tiny import build_vq_config
+
+    torch.manual_seed(0)
+    untrained = JanusVQVAE(build_vq_config(SMALL_VQ)).eval()
+    vq, losses = train_vq(SMALL_VQ, scenes.images[:128], steps=40, full_steps=10, batch_size=16, learning_rate=3e-3)
+    assert len(losses) == 40
+    assert reconstruction_error(vq, scenes.images[128:160]) < 0.8 * reconstruction_error(untrained, scenes.images[128:160])
+    codebook = vq.quantize.embedding.weight
+    assert torch.allclose(codebook.norm(dim=-1), torch.ones(len(codebook)), atol=1e-5)  # stored normalised
+    pixels = to_pixels(scenes.images[:4])
+    with torch.no_grad():
+        ours = reconstruct(vq, pixels)[1]
+        theirs = vq.encode(pixels).image_tokens.flatten()
+    assert torch.equal(ours, theirs)
+
+
+def test_the_understanding_encoder_learns_the_attributes(scenes):
+    from training.understanding import train_understanding_encoder
+
+    spec = TinySpec(image_size=64, patch_size=16, vision_hidden_size=32, vq_channel_multiplier=(1, 1, 1, 1, 1))
+    encoder, losses = train_understanding_encoder(spec, scenes.images, scenes.labels(), steps=40, batch_size=32)
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.0
+    assert encoder(pixel_values=to_pixels(scenes.images[:2])).last_hidden_state.shape == (2, 16, 32)
+
+
+def test_the_judge_reads_scene_attributes_and_round_trips(tmp_path, scenes):
+    from training.judge import attribute_accuracy, load_judge, save_judge, train_judge
+
+    judge, _ = train_judge(scenes.images, scenes.labels(), steps=120, batch_size=32, learning_rate=3e-3)
+    test = labelled_scenes(128, seed=9, split="heldout")
+    truths = [{**vars(subject), **vars(scene)} for subject, scene in zip(test.subjects, test.scenes)]
+    images = torch.as_tensor(test.images).float() / 255
+    accuracy = attribute_accuracy(judge, images, truths)
+    assert accuracy["background"] > 0.9 and accuracy["size"] > 0.8, accuracy
+    assert set(accuracy) == {*ATTRIBUTES, "subject", "prompt"}
+    save_judge(judge, tmp_path / "judge", {"note": "test"})
+    again = load_judge(tmp_path / "judge")
+    assert again.predict(images[:8]) == judge.predict(images[:8])
+    with pytest.raises(InputError, match="No judge"):
+        load_judge(tmp_path / "missing")
+
+
+def test_the_reward_model_is_a_clip_folder_that_prefers_the_true_caption(tmp_path, scenes):
+    from PIL import Image
+
+    from mmr1.rewards import load_reward_model
+    from training.clip_reward import train_clip_reward
+
+    losses = train_clip_reward(tmp_path / "clip", scenes, steps=60, batch_size=32, learning_rate=2e-3)
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    reward = load_reward_model("clip_t", tmp_path / "clip")
+    image = Image.fromarray(scenes.images[0])
+    scene = scenes.scenes[0]
+    other = next(s for s in scenes.scenes if s.background != scene.background)
+    right, wrong = reward.score([image, image], None, [scene.prompt(), other.prompt()])
+    assert right > wrong

@@ -1,0 +1,319 @@
+"""DreamBench evaluation (DreamBooth, Ruiz et al. 2023) of an mmr1 model: DINO, CLIP-I and CLIP-T per subject.
+
+Protocol: for every subject of a DreamBench folder and each of its prompts (object or live-subject list, written
+with the class noun and no unique token), the model sees `references` photos of the subject and draws
+`images_per_prompt` images (the paper: 4 per prompt, 25 prompts, 30 subjects). Each generated image is scored
+
+- DINO: mean cosine similarity of its ViT-S/16 CLS embedding to those of ALL real photos of the subject;
+- CLIP-I: the same with CLIP image embeddings;
+- CLIP-T: cosine similarity of its CLIP image embedding to the CLIP text embedding of the prompt.
+
+The scores come from `mmr1.rewards` (the same code GRPO is rewarded with), so evaluation and training agree on what a
+metric means. A subject's score is the mean over its images; the overall score the mean over all images, as in the
+paper. Everything random derives from `seed`, the subject's row in the DreamBench table and the prompt's index, so a
+run on a subset of subjects draws exactly the images the full run draws for them.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from mmr1.errors import InputError
+from mmr1.generation import generate
+from mmr1.images import to_rgb
+from mmr1.metadata import save_png
+from mmr1.rewards import RewardModel
+from mmr1.sampling import SamplingSettings
+from mmr1.xcot import Grounding, check_subject_source, extract_subject, ground
+from training.data import (
+    DREAMBENCH_PROMPTS_FILE,
+    Record,
+    _dreambench_tables,
+    dreambench_photos,
+    dreambench_records,
+)
+
+# Reward kind -> column name; the order of the table's columns.
+METRICS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T"}
+# xcot: ground (reasoning + subject tokens), then generate; references: the same conditioning without reasoning;
+# prompt: plain text-to-image, the baseline that shows what the references add.
+MODES = ("xcot", "references", "prompt")
+PROMPTS_PER_SUBJECT = 25
+IMAGES_PER_PROMPT = 4
+
+
+@dataclass(frozen=True)
+class ImageScore:
+    """One generated image: where it came from and its metrics."""
+
+    subject: str
+    prompt_index: int
+    prompt: str
+    image_index: int
+    seed: int
+    scores: dict[str, float]  # reward kind -> value
+    reasoning: str | None = None
+    path: Path | None = None
+
+
+@dataclass(frozen=True)
+class SubjectScores:
+    """Means over one subject's images."""
+
+    subject: str
+    class_word: str
+    images: int
+    scores: dict[str, float]
+
+
+@dataclass
+class DreamBenchResult:
+    """Per-subject and overall means, every image's scores, and the settings that reproduce the run."""
+
+    subjects: list[SubjectScores]
+    mean: dict[str, float]  # over all images, as the DreamBooth paper reports
+    images: list[ImageScore]
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def metrics(self) -> list[str]:
+        """The reward kinds measured, in table order."""
+        return [kind for kind in METRICS if kind in self.mean]
+
+    def markdown(self, digits: int = 3) -> str:
+        """A markdown table: one row per subject and a mean row; a metric not measured shows as '-'."""
+
+        def cells(scores: Mapping[str, float]) -> list[str]:
+            return [f"{scores[kind]:.{digits}f}" if kind in scores else "-" for kind in METRICS]
+
+        lines = [
+            "| subject | " + " | ".join(METRICS.values()) + " | images |",
+            "|---|" + "---:|" * (len(METRICS) + 1),
+        ]
+        for row in self.subjects:
+            lines.append(f"| {row.subject} | " + " | ".join(cells(row.scores)) + f" | {row.images} |")
+        lines.append("| **mean** | " + " | ".join(cells(self.mean)) + f" | {len(self.images)} |")
+        return "\n".join(lines) + "\n"
+
+    def to_dict(self) -> dict:
+        """JSON-ready (paths as strings), for a results file beside the table."""
+        return {
+            "settings": self.settings,
+            "mean": self.mean,
+            "subjects": [asdict(row) for row in self.subjects],
+            "images": [
+                {**asdict(image), "path": None if image.path is None else str(image.path)} for image in self.images
+            ],
+        }
+
+
+def image_seed(seed: int, subject_index: int, prompt_index: int) -> int:
+    """The seed of a prompt's first image (image n uses it + n, as `generate` does), from the run seed, the
+    subject's row in the DreamBench table and the prompt's index alone: subsets reproduce the full run."""
+    return random.Random(f"dreambench:{seed}:{subject_index}:{prompt_index}").randrange(2**31)
+
+
+def _check_root(root: Path) -> Path:
+    if not root.exists():
+        raise InputError(f"The DreamBench folder {root} does not exist.")
+    if not root.is_dir():
+        raise InputError(f"{root} is a file, not a DreamBench folder (<subject>/*.jpg and {DREAMBENCH_PROMPTS_FILE}).")
+    prompts_file = root / DREAMBENCH_PROMPTS_FILE
+    if not prompts_file.is_file():
+        raise InputError(
+            f"The DreamBench folder {root} has no {DREAMBENCH_PROMPTS_FILE} (the subject and prompt lists)."
+        )
+    return prompts_file
+
+
+def _check_rewards(rewards: Mapping[str, RewardModel]) -> None:
+    if not rewards:
+        raise InputError(f"DreamBench needs at least one metric model; give any of {', '.join(METRICS)}.")
+    for kind, reward in rewards.items():
+        if kind not in METRICS:
+            raise InputError(f"Unknown DreamBench metric {kind!r}; expected {', '.join(METRICS)}.")
+        expected = "needs_prompt" if kind == "clip_t" else "needs_references"
+        if not getattr(reward, expected, False):
+            raise InputError(
+                f"The {kind} metric needs a reward model loaded as kind {kind!r}, "
+                f"got {getattr(reward, 'name', reward)!r}."
+            )
+
+
+def _check_output_folder(folder: Path) -> None:
+    existing = next((parent for parent in (folder, *folder.parents) if parent.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise InputError(f"Cannot write DreamBench images to {folder}: {existing} is a file, not a folder.")
+
+
+def _open_photos(paths: Sequence[Path]) -> list[Image.Image]:
+    photos = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.load()
+                photos.append(to_rgb(image, str(path)))
+        except (OSError, UnidentifiedImageError) as error:
+            raise InputError(f"Cannot read the DreamBench photo {path}: {error}") from error
+    return photos
+
+
+def generate_in_mode(
+    mm,
+    prompt: str,
+    references: Sequence[Image.Image],
+    mode: str,
+    seed: int,
+    images_per_prompt: int,
+    settings: SamplingSettings,
+    max_new_tokens: int,
+    ground_temperature: float,
+    ground_top_p: float,
+    subject_source: str,
+):
+    """The images of one prompt under a conditioning mode ("prompt", "references" or "xcot"); also used by the
+    world evaluation (training/evaluate.py), so both compare the same conditions."""
+    if mode == "prompt":
+        return generate(mm, prompt, None, None, images_per_prompt, settings, seed)
+    references = list(references)
+    if mode == "xcot":
+        grounding = ground(
+            mm, references, prompt, max_new_tokens=max_new_tokens, temperature=ground_temperature,
+            top_p=ground_top_p, seed=seed, subject_source=subject_source,
+        )
+        return generate(mm, prompt, grounding, None, images_per_prompt, settings, seed)
+    # "references": the grounding's conditioning (reference images, subject tokens) without sampling any reasoning.
+    grounding = Grounding(prompt, "", "", "", False, references, extract_subject(mm, references, subject_source))
+    return generate(mm, prompt, grounding, "", images_per_prompt, settings, seed)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return math.fsum(values) / len(values)
+
+
+def evaluate_dreambench(
+    mm,
+    root: str | Path,
+    rewards: Mapping[str, RewardModel],
+    subjects: Sequence[str] | None = None,
+    prompts_per_subject: int | None = None,
+    images_per_prompt: int = IMAGES_PER_PROMPT,
+    references: int = 3,
+    seed: int = 0,
+    settings: SamplingSettings = SamplingSettings(),
+    mode: str = "xcot",
+    max_new_tokens: int = 256,
+    ground_temperature: float = 0.7,
+    ground_top_p: float = 0.95,
+    subject_source: str = "reference",
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+    batch_size: int = 16,
+) -> DreamBenchResult:
+    """Run the DreamBench protocol with `mm` and score it with `rewards` ({"dino", "clip_i", "clip_t"}: models from
+    `mmr1.rewards.load_reward_model` of those kinds; any subset).
+
+    `subjects` picks rows of the table (default all), `prompts_per_subject` the first prompts of each list (default
+    all 25). `mode` is "xcot", "references" or "prompt" (see MODES). With `out_dir`, images are written as
+    `<subject>/<prompt index>_<n>.png`, each PNG carrying its prompt, seed and reasoning. Inputs are checked before
+    any image is drawn, so a typo fails at once rather than after an hour of sampling.
+    """
+    root = Path(root).expanduser().absolute()
+    prompts_file = _check_root(root)
+    _check_rewards(rewards)
+    if mode not in MODES:
+        raise InputError(f"Unknown DreamBench mode {mode!r}; choose one of {', '.join(MODES)}.")
+    for name, value in (("images_per_prompt", images_per_prompt), ("references", references),
+                        ("max_new_tokens", max_new_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"{name} must be a positive integer, got {value!r}.")
+    if prompts_per_subject is not None and (
+        isinstance(prompts_per_subject, bool) or not isinstance(prompts_per_subject, int) or prompts_per_subject < 1
+    ):
+        raise InputError(f"prompts_per_subject must be a positive integer or None (all), got {prompts_per_subject!r}.")
+    check_subject_source(subject_source)
+
+    classes, _, _ = _dreambench_tables(prompts_file)
+    table = list(classes)
+    if subjects is not None:
+        subjects = list(subjects)
+        if not subjects:
+            raise InputError(f"The subject subset is empty; name subjects of {prompts_file}, or give None for all.")
+        unknown = [name for name in subjects if name not in classes]
+        if unknown:
+            raise InputError(
+                f"Unknown DreamBench subjects {', '.join(unknown)} (not in {prompts_file}); known: {', '.join(table)}."
+            )
+    chosen = [name for name in table if subjects is None or name in subjects]
+    records = dreambench_records(root, references, seed=seed, subjects=chosen)
+    per_subject = {
+        name: [record for record in records if record.id.rsplit("-", 1)[0] == name][:prompts_per_subject]
+        for name in chosen
+    }
+    out = None if out_dir is None else Path(out_dir).expanduser()
+    if out is not None:
+        _check_output_folder(out)
+
+    run_settings = {
+        "root": str(root),
+        "mode": mode,
+        "subjects": chosen,
+        "prompts_per_subject": prompts_per_subject,
+        "images_per_prompt": images_per_prompt,
+        "references": references,
+        "seed": seed,
+        "sampling": settings.to_dict(),
+        "grounding": {"max_new_tokens": max_new_tokens, "temperature": ground_temperature, "top_p": ground_top_p,
+                      "subject_source": subject_source},
+        "metrics": [kind for kind in METRICS if kind in rewards],
+        "model": str(getattr(mm, "source", "")),
+    }
+    rows: list[SubjectScores] = []
+    scored: list[ImageScore] = []
+    total = sum(len(subject_records) for subject_records in per_subject.values())
+    with tqdm(total=total, desc="dreambench", unit="prompt", disable=not progress) as bar:
+        for name, subject_records in per_subject.items():
+            bar.set_postfix_str(name)
+            subject_index = table.index(name)
+            real = _open_photos(dreambench_photos(root, name))  # every photo, not just the ones the model saw
+            images: list[Image.Image] = []
+            drawn: list[ImageScore] = []
+            for prompt_index, record in enumerate(subject_records):
+                first_seed = image_seed(seed, subject_index, prompt_index)
+                result = generate_in_mode(
+                    mm, record.prompt, [] if mode == "prompt" else record.load_references(), mode, first_seed, images_per_prompt, settings, max_new_tokens, ground_temperature,
+                    ground_top_p, subject_source,
+                )
+                for n, (image, image_seed_n) in enumerate(zip(result.pil_images(), result.seeds)):
+                    path = None
+                    if out is not None:
+                        path = out / name / f"{prompt_index:02d}_{n}.png"
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        save_png(image, path, {
+                            "subject": name, "prompt": record.prompt, "prompt_index": prompt_index, "image_index": n,
+                            "seed": image_seed_n, "mode": mode, "reasoning": result.reasoning,
+                            "references": [str(reference) for reference in record.references],
+                            "sampling": settings.to_dict(),
+                        })
+                    images.append(image)
+                    drawn.append(
+                        ImageScore(name, prompt_index, record.prompt, n, image_seed_n, {}, result.reasoning, path)
+                    )
+                bar.update(1)
+            prompts = [image.prompt for image in drawn]
+            values = {
+                kind: reward.score(images, references=real, prompts=prompts, batch_size=batch_size).tolist()
+                for kind, reward in ((kind, rewards[kind]) for kind in METRICS if kind in rewards)
+            }
+            drawn = [replace(image, scores={kind: values[kind][i] for kind in values}) for i, image in enumerate(drawn)]
+            scored += drawn
+            rows.append(SubjectScores(name, classes[name], len(drawn), {kind: _mean(values[kind]) for kind in values}))
+    mean = {kind: _mean([image.scores[kind] for image in scored]) for kind in METRICS if kind in rewards}
+    return DreamBenchResult(subjects=rows, mean=mean, images=scored, settings=run_settings)

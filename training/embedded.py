@@ -1,0 +1,289 @@
+"""The embedded model, end to end: train every part of a tiny Janus on the procedural subject world.
+
+    python -m training.embedded --config training/configs/world/pipeline.toml [--output_dir runs/world] [--install]
+
+Stages, each written under `output_dir` and skipped when already complete (a killed run picks up where it
+stopped; SFT and GRPO also resume inside their stage):
+
+1. `components/`: the VQ tokenizer and the understanding encoder (training/vq.py, training/understanding.py);
+2. `judge/`: the evaluation-only attribute classifier (training/judge.py);
+3. `reward/`: the CLIP-style reward model (training/clip_reward.py);
+4. `base/`: a Janus folder (transformers classes, world tokenizer) holding the trained VQ and encoder;
+5. `data/`: SFT records (with targets and reasoning) and GRPO prompt records, from training subjects only;
+6. `sft/`, `grpo/`: the recipes of training/configs/world/{sft,grpo}.toml;
+7. `eval/`: `python -m training.evaluate` on the held-out subjects.
+
+`--install` copies the GRPO model, the reward model and the judge into `mmr1/embedded/`, where
+`python -m mmr1 demo` and the Load MMR1 Model node find them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from mmr1.embedded import ASSETS_DIR, JUDGE_NAME, MODEL_NAME, REWARD_NAME
+from mmr1.prompting import GROUNDING_INSTRUCTION
+from mmr1.tiny import TOKENIZER_CORPUS, TinySpec
+
+from .config import ConfigError, build_config, config_from_args, knob, recipe_main
+from .world import TRAIN_SUBJECTS, labelled_scenes, sample_example, write_dataset
+
+WORLD_SPEC = TinySpec(
+    hidden_size=192,
+    intermediate_size=512,
+    num_layers=4,
+    num_heads=6,
+    max_positions=640,
+    tokenizer_vocab_size=768,
+    vision_hidden_size=96,
+    vision_layers=3,
+    vision_heads=4,
+    image_size=64,
+    patch_size=8,
+    vq_codebook_size=512,
+    vq_embed_dim=8,
+    vq_base_channels=64,
+    vq_channel_multiplier=(1, 1, 1, 1),
+    vq_latent_channels=32,
+    initializer_range=0.02,
+)
+CONFIGS = Path("training/configs/world")  # relative to the repository root, where the command runs
+DONE = "stage.json"
+
+
+@dataclass(frozen=True)
+class EmbeddedConfig:
+    output_dir: Path = knob(Path("runs/world"), "every stage's output goes under this folder")
+    seed: int = knob(0, "seed of every stage")
+    scenes: int = knob(6000, "rendered training scenes for the VQ, encoder, judge and reward model")
+    vq_steps: int = knob(500, "VQ tokenizer steps (batches of 16)")
+    vq_full_steps: int = knob(500, "of which the last ones see whole images instead of 32x32 crops")
+    vq_learning_rate: float = knob(3e-3, "VQ tokenizer peak learning rate")
+    understanding_steps: int = knob(400, "understanding encoder steps (batches of 64)")
+    judge_steps: int = knob(600, "judge steps (batches of 64)")
+    reward_steps: int = knob(600, "reward model steps (batches of 64)")
+    sft_records: int = knob(3000, "SFT records (training subjects, two references each)")
+    grpo_records: int = knob(400, "GRPO prompt records (training subjects)")
+    sft_config: Path = knob(CONFIGS / "sft.toml", "SFT recipe; model, data and output_dir are set by the pipeline")
+    grpo_config: Path = knob(CONFIGS / "grpo.toml", "GRPO recipe; model, data, rewards and output_dir are set here")
+    evaluate: bool = knob(True, "run python -m training.evaluate on the held-out subjects at the end")
+    eval_tasks: int = knob(60, "held-out tasks (subject, references, target scene) the evaluation draws")
+
+    def __post_init__(self) -> None:
+        for name in ("scenes", "vq_steps", "understanding_steps", "judge_steps", "reward_steps", "sft_records",
+                     "grpo_records", "eval_tasks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"config key {name!r} must be at least 1")
+        if not 0 <= self.vq_full_steps <= self.vq_steps:
+            raise ValueError("config key 'vq_full_steps' must be between 0 and vq_steps")
+
+
+def world_corpus() -> str:
+    """Tokenizer training text: the chat template, the grounding instruction and world prompts and reasoning."""
+    examples = [sample_example(TRAIN_SUBJECTS, seed) for seed in range(300)]
+    lines = [TOKENIZER_CORPUS, GROUNDING_INSTRUCTION] + [f"{e.prompt}\n{e.reasoning()}" for e in examples]
+    return "\n".join(lines)
+
+
+class Pipeline:
+    """Runs the stages in order; a stage whose folder holds `stage.json` is done and skipped."""
+
+    def __init__(self, config: EmbeddedConfig) -> None:
+        self.config = config
+        self.out = config.output_dir
+        self._scenes = None
+
+    def stage(self, name: str, work) -> Path:
+        folder = self.out / name
+        if (folder / DONE).is_file():
+            print(f"[{name}] done earlier: {folder}")
+            return folder
+        started = time.perf_counter()
+        print(f"[{name}] ...", flush=True)
+        record = work(folder) or {}
+        record["seconds"] = round(time.perf_counter() - started, 1)
+        (folder / DONE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        print(f"[{name}] {record}", flush=True)
+        return folder
+
+    @property
+    def scenes(self):
+        if self._scenes is None:
+            self._scenes = labelled_scenes(self.config.scenes, self.config.seed, "train")
+        return self._scenes
+
+    def components(self, folder: Path) -> dict:
+        from safetensors.torch import save_file
+
+        from .understanding import train_understanding_encoder
+        from .vq import reconstruction_error, train_vq
+
+        folder.mkdir(parents=True, exist_ok=True)
+        held_out = labelled_scenes(256, self.config.seed + 1, "heldout")
+        vq, vq_losses = train_vq(WORLD_SPEC, self.scenes.images, self.config.vq_steps, self.config.vq_full_steps,
+                                 batch_size=16, learning_rate=self.config.vq_learning_rate, seed=self.config.seed)
+        save_file({k: v.contiguous() for k, v in vq.state_dict().items()}, str(folder / "vq.safetensors"))
+        encoder, encoder_losses = train_understanding_encoder(
+            WORLD_SPEC, self.scenes.images, self.scenes.labels(), self.config.understanding_steps, seed=self.config.seed)
+        save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(folder / "understanding.safetensors"))
+        return {"vq_loss_last": vq_losses[-1], "vq_heldout_mean_abs_error": reconstruction_error(vq, held_out.images),
+                "understanding_loss_last": encoder_losses[-1]}
+
+    def judge(self, folder: Path) -> dict:
+        from .judge import attribute_accuracy, save_judge, train_judge
+        from .vq import reconstruct
+
+        judge, losses = train_judge(self.scenes.images, self.scenes.labels(), self.config.judge_steps,
+                                    seed=self.config.seed)
+        held_out = labelled_scenes(512, self.config.seed + 2, "heldout")
+        truths = [{**s.__dict__, **c.__dict__} for s, c in zip(held_out.subjects, held_out.scenes)]
+        rendered = torch.as_tensor(held_out.images).float() / 255
+        record = {"loss_last": losses[-1], "heldout_renders": attribute_accuracy(judge, rendered, truths)}
+        vq = self._trained_vq()
+        with torch.no_grad():
+            decoded = torch.cat([reconstruct(vq, rendered[i : i + 64].permute(0, 3, 1, 2) * 2 - 1)[0]
+                                 for i in range(0, len(rendered), 64)])
+        record["heldout_vq_reconstructions"] = attribute_accuracy(
+            judge, ((decoded.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1), truths)
+        save_judge(judge, folder, {"trained_on": "training/world.py renders (training subjects)", **record})
+        return record
+
+    def _trained_vq(self):
+        from safetensors.torch import load_file
+        from transformers.models.janus.modeling_janus import JanusVQVAE
+
+        from mmr1.tiny import build_vq_config
+
+        vq = JanusVQVAE(build_vq_config(WORLD_SPEC))
+        vq.load_state_dict(load_file(str(self.out / "components" / "vq.safetensors")))
+        return vq.eval()
+
+    def reward(self, folder: Path) -> dict:
+        from .clip_reward import train_clip_reward
+
+        losses = train_clip_reward(folder, self.scenes, self.config.reward_steps, seed=self.config.seed)
+        return {"loss_first": losses[0], "loss_last": losses[-1]}
+
+    def base(self, folder: Path) -> dict:
+        """The Janus folder SFT starts from: random language model, trained VQ and understanding encoder."""
+        from safetensors.torch import load_file
+        from transformers import JanusForConditionalGeneration
+
+        from mmr1.tiny import make_tiny_checkpoint
+
+        make_tiny_checkpoint(folder, spec=WORLD_SPEC, seed=self.config.seed, corpus=world_corpus())
+        model = JanusForConditionalGeneration.from_pretrained(folder)
+        model.model.vqmodel.load_state_dict(load_file(str(self.out / "components" / "vq.safetensors")))
+        model.model.vision_model.load_state_dict(load_file(str(self.out / "components" / "understanding.safetensors")))
+        model.save_pretrained(folder, safe_serialization=True)
+        return {"parameters": sum(p.numel() for p in model.parameters())}
+
+    def data(self, folder: Path) -> dict:
+        sft = write_dataset(folder / "sft", "train", self.config.sft_records, 2, self.config.seed)
+        grpo = write_dataset(folder / "grpo", "train", self.config.grpo_records, 2, self.config.seed + 1,
+                             with_target=False)
+        return {"sft": str(sft), "grpo": str(grpo)}
+
+    def sft(self, folder: Path) -> dict:
+        from .sft import SFTConfig, train
+
+        config = self._recipe(SFTConfig, self.config.sft_config, model=self.out / "base",
+                              data=self.out / "data" / "sft" / "records.jsonl", output_dir=folder)
+        return {"final": str(train(config))}
+
+    def grpo(self, folder: Path) -> dict:
+        from .grpo import GRPOConfig, train
+
+        reward = self.out / "reward"
+        config = self._recipe(GRPOConfig, self.config.grpo_config, model=self.out / "sft" / "final",
+                              data=self.out / "data" / "grpo" / "records.jsonl", output_dir=folder)
+        config = replace(config, rewards=tuple(spec.replace("{reward}", str(reward)) for spec in config.rewards))
+        return {"final": str(train(config))}
+
+    def evaluation(self, folder: Path) -> dict:
+        from .evaluate import evaluate_world
+
+        report = evaluate_world(
+            models={"sft": self.out / "sft" / "final", "grpo": self.out / "grpo" / "final"},
+            reward=self.out / "reward", judge=self.out / "judge", tasks=self.config.eval_tasks,
+            seed=self.config.seed, out_dir=folder)
+        return report
+
+    @staticmethod
+    def _recipe(cls, path: Path, **paths):
+        import tomllib
+
+        try:
+            values = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as error:
+            raise ConfigError(f"cannot read recipe {path}: {error}") from error
+        return build_config(cls, {**values, **paths}, str(path))
+
+    def run(self) -> Path:
+        torch.manual_seed(self.config.seed)
+        self.stage("components", self.components)
+        self.stage("judge", self.judge)
+        self.stage("reward", self.reward)
+        self.stage("base", self.base)
+        self.stage("data", self.data)
+        self.stage("sft", self.sft)
+        self.stage("grpo", self.grpo)
+        if self.config.evaluate:
+            self.stage("eval", self.evaluation)
+        return self.out
+
+
+DEMO_TASK_SEED = 7  # held-out task of the bundled demo (a subject training never showed)
+
+
+def install(out: Path, target: Path = ASSETS_DIR) -> Path:
+    """Copy the final model, reward model and judge of a pipeline run into the package, with the demo task."""
+    from .evaluate import held_out_tasks
+
+    sources = {MODEL_NAME: out / "grpo" / "final", REWARD_NAME: out / "reward", JUDGE_NAME: out / "judge"}
+    for source in sources.values():
+        if not source.is_dir():
+            raise ConfigError(f"{source} is missing; run the pipeline to the end before --install.")
+    for name, source in sources.items():
+        destination = target / name
+        if destination.exists():
+            shutil.rmtree(destination)
+        shutil.copytree(source, destination, ignore=shutil.ignore_patterns(DONE))
+    task = held_out_tasks(DEMO_TASK_SEED + 1, seed=0)[DEMO_TASK_SEED]
+    demo = target / "demo"
+    demo.mkdir(parents=True, exist_ok=True)
+    names = []
+    for index, image in enumerate(task.references()):
+        names.append(f"reference-{index + 1}.png")
+        image.save(demo / names[-1])
+    (demo / "demo.json").write_text(json.dumps({
+        "references": names, "prompt": task.prompt, "subject": task.subject.description(),
+        "note": "a held-out subject of training/world.py: the embedded model never saw it in training",
+    }, indent=2) + "\n", encoding="utf-8")
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--install", action="store_true")
+    known, rest = parser.parse_known_args(argv if argv is not None else sys.argv[1:])
+
+    def train(config: EmbeddedConfig) -> Path:
+        out = Pipeline(config).run()
+        return install(out) if known.install else out
+
+    return recipe_main(EmbeddedConfig, __doc__.split("\n\n")[0] + " (--install copies the result into mmr1/embedded)",
+                       train, rest)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,102 @@
+"""Train Janus's VQ tokenizer (transformers' JanusVQVAE, unchanged) on rendered scenes.
+
+The quantizer works as the original Janus/LlamaGen one: latents and codes are L2-normalised and the nearest code
+is the one of highest cosine, with a straight-through gradient and a commitment loss. Codes no batch used for a
+while are restarted on random latents. At the end the codebook is stored normalised, so transformers' own
+`encode` (which skips the normalisation) picks the same codes as `mmr1.model.encode_image_tokens`.
+
+Most steps see 32x32 crops aligned to the token grid (the network is convolutional; a crop costs a quarter),
+the last `full_steps` whole images, so the attention and norms also settle at the real size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mmr1.tiny import TinySpec, build_vq_config
+
+from .fit import batch_indices, fit, to_pixels
+
+_RESTART_EVERY = 50
+
+
+def quantize(vq, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(straight-through codes [N,C,h,w], code indices [N*h*w], commitment loss) of quant_conv outputs."""
+    flat = F.normalize(latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1]), dim=-1)
+    codebook = F.normalize(vq.quantize.embedding.weight, dim=-1)
+    indices = (flat @ codebook.T).argmax(dim=-1)
+    codes = codebook[indices]
+    loss = F.mse_loss(codes, flat.detach()) + 0.25 * F.mse_loss(flat, codes.detach())
+    straight = flat + (codes - flat).detach()
+    batch, channels, height, width = latents.shape
+    return straight.view(batch, height, width, channels).permute(0, 3, 1, 2), indices, loss
+
+
+def reconstruct(vq, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(reconstruction, code indices, commitment loss) of pixels in -1..1."""
+    codes, indices, loss = quantize(vq, vq.quant_conv(vq.encoder(pixels)))
+    return vq.decoder(vq.post_quant_conv(codes)), indices, loss
+
+
+def train_vq(
+    spec: TinySpec,
+    images,
+    steps: int,
+    full_steps: int,
+    batch_size: int = 32,
+    learning_rate: float = 2e-3,
+    seed: int = 0,
+) -> tuple[torch.nn.Module, list[float]]:
+    """A JanusVQVAE of `spec`'s sizes trained on uint8 images [N, S, S, 3]; returns (model, losses)."""
+    from transformers.models.janus.modeling_janus import JanusVQVAE
+
+    torch.manual_seed(seed)
+    vq = JanusVQVAE(build_vq_config(spec)).train()
+    pixels = to_pixels(images)
+    crop = spec.image_size // 2
+    grid = 2 ** (len(spec.vq_channel_multiplier) - 1)
+    usage = torch.zeros(spec.vq_codebook_size)
+
+    def step_loss(step: int) -> torch.Tensor:
+        batch = pixels[batch_indices(len(pixels), batch_size, step, seed)]
+        if step < steps - full_steps:
+            generator = torch.Generator().manual_seed(seed + step)
+            top, left = (torch.randint(0, (spec.image_size - crop) // grid + 1, (2,), generator=generator) * grid).tolist()
+            batch = batch[:, :, top : top + crop, left : left + crop]
+        if step and step % _RESTART_EVERY == 0:  # before this step's forward: the graph must see final codes
+            _restart_unused(vq, usage, batch, generator_seed=seed + step)
+            usage.zero_()
+        decoded, indices, commitment = reconstruct(vq, batch)
+        usage.index_add_(0, indices, torch.ones(len(indices)))
+        return F.mse_loss(decoded, batch) + 0.5 * F.l1_loss(decoded, batch) + commitment
+
+    losses = fit(vq.parameters(), step_loss, steps, learning_rate, "vq")
+    with torch.no_grad():
+        vq.quantize.embedding.weight.copy_(F.normalize(vq.quantize.embedding.weight, dim=-1))
+    return vq.eval(), losses
+
+
+@torch.no_grad()
+def _restart_unused(vq, usage: torch.Tensor, batch: torch.Tensor, generator_seed: int) -> None:
+    """Move codes no latent chose since the last restart onto random latents of the batch."""
+    unused = (usage == 0).nonzero().flatten()
+    if len(unused) == 0:
+        return
+    latents = vq.quant_conv(vq.encoder(batch))
+    flat = F.normalize(latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1]), dim=-1)
+    generator = torch.Generator().manual_seed(generator_seed)
+    picks = torch.randint(0, len(flat), (len(unused),), generator=generator)
+    noise = 0.01 * torch.randn(len(unused), flat.shape[1], generator=generator)
+    vq.quantize.embedding.weight[unused] = flat[picks] + noise
+
+
+@torch.no_grad()
+def reconstruction_error(vq, images, batch_size: int = 64) -> float:
+    """Mean absolute pixel error (0..1 scale) of encode-decode on uint8 images: how much detail the codes keep."""
+    errors = []
+    pixels = to_pixels(images)
+    for start in range(0, len(pixels), batch_size):
+        batch = pixels[start : start + batch_size]
+        errors.append((reconstruct(vq, batch)[0].clamp(-1, 1) - batch).abs().mean(dim=(1, 2, 3)) / 2)
+    return float(torch.cat(errors).mean())

@@ -1,0 +1,370 @@
+"""A procedural subject world: toy subjects made of attributes, drawn into small scenes that a prompt describes.
+
+It stands in for photos of "your dog" where no weights or datasets can be had: every image has its true labels,
+so a model trained here can be measured (training/judge.py reads the labels back from generated images).
+
+- A **subject** is (shape, body colour, pattern, pattern colour): 6 x 8 x 4 x 7 = 1,344 combinations. A fixed
+  tenth of them (`HELD_OUT`, by seed) is never used for training; evaluation uses only those.
+- A **scene** is (background, position, size) plus small jitter and background texture: what the prompt says.
+- A subject's **references** show it in other scenes than the target.
+
+Everything is deterministic by seed: `render(subject, scene, seed)` draws the same pixels on every machine.
+
+    python -m training.world dataset OUT_DIR --split train --records 4000 --references 2 --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from mmr1.errors import InputError, report_user_errors
+from mmr1.xcot import format_reasoning
+
+IMAGE_SIZE = 64
+_SUPERSAMPLE = 2  # drawn at 2x and box-filtered down: smooth edges without blurring patterns away
+
+SHAPES = ("circle", "square", "triangle", "diamond", "cross", "heart")
+COLOURS = {
+    "red": (220, 40, 40),
+    "orange": (245, 140, 30),
+    "yellow": (245, 220, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 90, 225),
+    "purple": (145, 60, 195),
+    "white": (248, 248, 248),
+    "black": (25, 25, 25),
+}
+PATTERNS = ("stripes", "spots", "checks", "ring")  # nouns: "a red heart with blue stripes", "... with a blue ring"
+BACKGROUNDS = {
+    "beach": "on the beach",
+    "grass": "on the grass",
+    "snow": "in the snow",
+    "night": "at night",
+    "wood": "on a wooden floor",
+}
+POSITIONS = {"left": "on the left", "middle": "in the middle", "right": "on the right"}
+SIZES = ("small", "large")
+
+SUBJECT_ATTRIBUTES = ("shape", "colour", "pattern", "pattern_colour")
+SCENE_ATTRIBUTES = ("background", "position", "size")
+ATTRIBUTE_VALUES = {
+    "shape": SHAPES,
+    "colour": tuple(COLOURS),
+    "pattern": PATTERNS,
+    "pattern_colour": tuple(COLOURS),
+    "background": tuple(BACKGROUNDS),
+    "position": tuple(POSITIONS),
+    "size": SIZES,
+}
+HELD_OUT_FRACTION = 0.1
+HELD_OUT_SEED = 2025
+_OUTLINE = (30, 30, 30)
+_RADIUS = {"small": 10.0, "large": 17.0}  # in 64-pixel units
+_CENTRE_X = {"small": {"left": 15.0, "middle": 32.0, "right": 49.0}, "large": {"left": 21.0, "middle": 32.0, "right": 43.0}}
+
+
+@dataclass(frozen=True, order=True)
+class Subject:
+    shape: str
+    colour: str
+    pattern: str
+    pattern_colour: str
+
+    def __post_init__(self) -> None:
+        for name in SUBJECT_ATTRIBUTES:
+            if getattr(self, name) not in ATTRIBUTE_VALUES[name]:
+                raise InputError(f"Unknown {name} {getattr(self, name)!r}; choose one of {ATTRIBUTE_VALUES[name]}.")
+        if self.colour == self.pattern_colour:
+            raise InputError("A subject's pattern colour must differ from its body colour.")
+
+    def description(self) -> str:
+        """'a red heart with blue stripes': the words the reasoning and the reward model's captions use."""
+        if self.pattern == "ring":
+            return f"a {self.colour} {self.shape} with a {self.pattern_colour} ring"
+        return f"a {self.colour} {self.shape} with {self.pattern_colour} {self.pattern}"
+
+    def slug(self) -> str:
+        return "-".join(getattr(self, name) for name in SUBJECT_ATTRIBUTES)
+
+
+@dataclass(frozen=True)
+class Scene:
+    background: str
+    position: str
+    size: str
+
+    def __post_init__(self) -> None:
+        for name in SCENE_ATTRIBUTES:
+            if getattr(self, name) not in ATTRIBUTE_VALUES[name]:
+                raise InputError(f"Unknown {name} {getattr(self, name)!r}; choose one of {ATTRIBUTE_VALUES[name]}.")
+
+    def phrase(self) -> str:
+        """'on the beach, small, on the left'."""
+        return f"{BACKGROUNDS[self.background]}, {self.size}, {POSITIONS[self.position]}"
+
+    def prompt(self) -> str:
+        """The user's request: the scene only; the subject comes from the references."""
+        return f"a photo of it {self.phrase()}"
+
+
+def all_subjects() -> list[Subject]:
+    return [
+        Subject(shape, colour, pattern, pattern_colour)
+        for shape in SHAPES
+        for colour in COLOURS
+        for pattern in PATTERNS
+        for pattern_colour in COLOURS
+        if pattern_colour != colour
+    ]
+
+
+def all_scenes() -> list[Scene]:
+    return [Scene(background, position, size) for background in BACKGROUNDS for position in POSITIONS for size in SIZES]
+
+
+def _split() -> tuple[list[Subject], list[Subject]]:
+    subjects = all_subjects()
+    held_out = set(random.Random(HELD_OUT_SEED).sample(subjects, round(HELD_OUT_FRACTION * len(subjects))))
+    return [s for s in subjects if s not in held_out], [s for s in subjects if s in held_out]
+
+
+TRAIN_SUBJECTS, HELD_OUT_SUBJECTS = _split()
+SPLITS = {"train": TRAIN_SUBJECTS, "heldout": HELD_OUT_SUBJECTS}
+
+
+def subjects_of(split: str) -> list[Subject]:
+    if split not in SPLITS:
+        raise InputError(f"Unknown split {split!r}; choose one of {', '.join(SPLITS)}.")
+    return SPLITS[split]
+
+
+# --- drawing -----------------------------------------------------------------------------------------------------
+
+def _shape_mask(shape: str, x: np.ndarray, y: np.ndarray, r: float) -> np.ndarray:
+    """Inside-test of a shape of radius r centred at the origin (y grows downwards)."""
+    if shape == "circle":
+        return x**2 + y**2 <= r**2
+    if shape == "square":
+        return np.maximum(np.abs(x), np.abs(y)) <= 0.82 * r
+    if shape == "triangle":  # apex up
+        return (y <= 0.8 * r) & (np.abs(x) <= (y + r) / 1.8)
+    if shape == "diamond":
+        return np.abs(x) + np.abs(y) <= 1.05 * r
+    if shape == "cross":
+        arm = 0.38 * r
+        return ((np.abs(x) <= arm) & (np.abs(y) <= r)) | ((np.abs(y) <= arm) & (np.abs(x) <= r))
+    if shape == "heart":
+        u, v = x / (0.95 * r), -(y + 0.1 * r) / (0.95 * r)
+        return (u**2 + v**2 - 1) ** 3 - u**2 * v**3 <= 0
+    raise InputError(f"Unknown shape {shape!r}")
+
+
+def _pattern_mask(pattern: str, x: np.ndarray, y: np.ndarray, r: float) -> np.ndarray:
+    """Where the pattern colour goes, in subject coordinates; periods scale with the subject."""
+    period = r / 1.9
+    if pattern == "stripes":
+        return np.mod(y + r, period) < period / 2
+    if pattern == "spots":
+        gx = np.mod(x + period / 2, period) - period / 2
+        gy = np.mod(y + period / 2, period) - period / 2
+        return gx**2 + gy**2 <= (0.3 * period) ** 2
+    if pattern == "checks":
+        return (np.floor((x + r) / period) + np.floor((y + r) / period)) % 2 == 0
+    if pattern == "ring":
+        return np.abs(np.sqrt(x**2 + y**2) - 0.5 * r) <= 0.16 * r
+    raise InputError(f"Unknown pattern {pattern!r}")
+
+
+def _background(kind: str, rng: np.random.Generator, size: int) -> np.ndarray:
+    """[size, size, 3] float background with its own texture."""
+    image = np.empty((size, size, 3), np.float32)
+    scale = size / IMAGE_SIZE
+    rows = np.arange(size)[:, None]
+    if kind == "beach":
+        horizon = int((18 + rng.integers(-3, 4)) * scale)
+        image[:] = (226, 203, 152)
+        image[:horizon] = (60, 125, 195)
+        image[horizon : horizon + max(1, int(2 * scale))] = (240, 240, 235)  # surf
+    elif kind == "grass":
+        image[:] = (82, 142, 62)
+        for _ in range(60):
+            bx, by = rng.integers(0, size, 2)
+            image[by : by + int(5 * scale), bx : bx + max(1, int(scale))] = (52, 108, 44)
+    elif kind == "snow":
+        image[:] = (232, 236, 243)
+        for _ in range(40):
+            bx, by = rng.integers(0, size, 2)
+            image[by : by + int(2 * scale), bx : bx + int(2 * scale)] = (196, 208, 226)
+    elif kind == "night":
+        image[:] = (20, 24, 58)
+        for _ in range(14):
+            bx, by = rng.integers(0, size, 2)
+            image[by : by + max(1, int(scale)), bx : bx + max(1, int(scale))] = (250, 248, 200)
+    elif kind == "wood":
+        image[:] = (152, 106, 62)
+        offset = rng.integers(0, 10)
+        image[np.mod(rows[:, 0] // max(1, int(scale)) + offset, 10) == 0] = (112, 74, 42)
+    else:
+        raise InputError(f"Unknown background {kind!r}")
+    return image
+
+
+def render(subject: Subject, scene: Scene, seed: int) -> Image.Image:
+    """The subject in the scene: a 64x64 RGB image, identical for identical arguments."""
+    rng = np.random.default_rng([seed, abs(hash_text(subject.slug())), abs(hash_text(repr(scene)))])
+    size = IMAGE_SIZE * _SUPERSAMPLE
+    image = _background(scene.background, rng, size)
+    radius = (_RADIUS[scene.size] + rng.uniform(-1, 1)) * _SUPERSAMPLE
+    centre_x = (_CENTRE_X[scene.size][scene.position] + rng.uniform(-2, 2)) * _SUPERSAMPLE
+    centre_y = (35 + rng.uniform(-3, 3)) * _SUPERSAMPLE
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    x, y = xs - centre_x, ys - centre_y
+    body = _shape_mask(subject.shape, x, y, radius)
+    inner = _shape_mask(subject.shape, x, y, radius - 1.6 * _SUPERSAMPLE)
+    pattern = _pattern_mask(subject.pattern, x, y, radius)
+    image[body] = _OUTLINE
+    image[inner] = COLOURS[subject.colour]
+    image[inner & pattern] = COLOURS[subject.pattern_colour]
+    small = image.reshape(IMAGE_SIZE, _SUPERSAMPLE, IMAGE_SIZE, _SUPERSAMPLE, 3).mean(axis=(1, 3))
+    return Image.fromarray(np.clip(small + 0.5, 0, 255).astype(np.uint8))
+
+
+def hash_text(text: str) -> int:
+    """A stable hash (Python's own is salted per process)."""
+    value = 2166136261
+    for byte in text.encode():
+        value = ((value ^ byte) * 16777619) % 2**32
+    return value
+
+
+# --- examples and datasets -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Example:
+    """One personalization task: references of a subject, a target scene, and the X-CoT text that links them."""
+
+    subject: Subject
+    target_scene: Scene
+    reference_scenes: tuple[Scene, ...]
+    seed: int
+
+    @property
+    def prompt(self) -> str:
+        return self.target_scene.prompt()
+
+    def reasoning(self) -> str:
+        description = self.subject.description()
+        return format_reasoning(
+            think=f"the references show {description}",
+            subject=description,
+            scene=f"{description} {self.target_scene.phrase()}",
+        )
+
+    def caption(self) -> str:
+        """The full description of the target image (the reward model's training text)."""
+        return f"{self.subject.description()} {self.target_scene.phrase()}"
+
+    def labels(self) -> dict[str, str]:
+        return {**asdict(self.subject), **asdict(self.target_scene)}
+
+    def target(self) -> Image.Image:
+        return render(self.subject, self.target_scene, self.seed)
+
+    def references(self) -> list[Image.Image]:
+        return [render(self.subject, scene, self.seed + 1 + index) for index, scene in enumerate(self.reference_scenes)]
+
+
+def sample_example(subjects: list[Subject], seed: int, references: int = 2) -> Example:
+    """A random subject with a target scene and `references` other scenes (different backgrounds)."""
+    rng = random.Random(seed)
+    subject = rng.choice(subjects)
+    target = rng.choice(all_scenes())
+    others = [scene for scene in all_scenes() if scene.background != target.background]
+    return Example(subject, target, tuple(rng.sample(others, references)), seed=seed * 1000)
+
+
+ATTRIBUTES = SUBJECT_ATTRIBUTES + SCENE_ATTRIBUTES
+
+
+@dataclass(frozen=True)
+class LabelledScenes:
+    """Rendered scenes with their true attributes: training data of the VQ, the judge and the reward model."""
+
+    images: np.ndarray  # [N, 64, 64, 3] uint8
+    subjects: list[Subject]
+    scenes: list[Scene]
+
+    def labels(self) -> np.ndarray:
+        """[N, len(ATTRIBUTES)] int64 indices into ATTRIBUTE_VALUES, in ATTRIBUTES order."""
+        rows = [{**asdict(subject), **asdict(scene)} for subject, scene in zip(self.subjects, self.scenes)]
+        return np.array([[ATTRIBUTE_VALUES[name].index(row[name]) for name in ATTRIBUTES] for row in rows], np.int64)
+
+
+def labelled_scenes(count: int, seed: int, split: str = "train") -> LabelledScenes:
+    """`count` random scenes of the split's subjects, deterministic by seed."""
+    rng = random.Random(seed)
+    subjects = subjects_of(split)
+    pairs = [(rng.choice(subjects), rng.choice(all_scenes())) for _ in range(count)]
+    images = np.stack([np.asarray(render(subject, scene, seed * 7919 + index)) for index, (subject, scene) in enumerate(pairs)])
+    return LabelledScenes(images, [subject for subject, _ in pairs], [scene for _, scene in pairs])
+
+
+def write_dataset(out_dir: Path, split: str, records: int, references: int, seed: int, with_target: bool = True) -> Path:
+    """Images plus `records.jsonl` in training/data.py's format (reasoning included); returns the JSONL path."""
+    subjects = subjects_of(split)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "images").mkdir(exist_ok=True)
+    lines = []
+    for index in range(records):
+        example = sample_example(subjects, seed=seed * 1_000_003 + index, references=references)
+        name = f"{split}-{index:05d}"
+        reference_paths = []
+        for number, image in enumerate(example.references()):
+            reference_paths.append(f"images/{name}-ref{number}.png")
+            image.save(out_dir / reference_paths[-1])
+        record = {"references": reference_paths, "prompt": example.prompt}
+        if with_target:
+            record["target"] = f"images/{name}-target.png"
+            example.target().save(out_dir / record["target"])
+        record.update({"reasoning": example.reasoning(), "subject": example.subject.slug(), "id": name})
+        lines.append(json.dumps(record))
+    path = out_dir / "records.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def vocabulary() -> list[str]:
+    """Every word a world prompt or reasoning uses: a tokenizer trained on these keeps them whole."""
+    words = [*SHAPES, *COLOURS, *PATTERNS, *SIZES, "a", "with", "photo", "of", "it", "the", "references", "show"]
+    words += [word for phrase in (*BACKGROUNDS.values(), *POSITIONS.values()) for word in phrase.split()]
+    return sorted(set(words))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.world", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    dataset = commands.add_parser("dataset", help="write images and records.jsonl for SFT (with targets) or GRPO")
+    dataset.add_argument("out_dir", type=Path)
+    dataset.add_argument("--split", default="train", choices=tuple(SPLITS))
+    dataset.add_argument("--records", type=int, default=1000)
+    dataset.add_argument("--references", type=int, default=2)
+    dataset.add_argument("--seed", type=int, default=0)
+    dataset.add_argument("--no-target", action="store_true", help="prompt-only records (GRPO)")
+    args = parser.parse_args(argv)
+
+    def run() -> int:
+        print(write_dataset(args.out_dir, args.split, args.records, args.references, args.seed, not args.no_target))
+        return 0
+
+    return report_user_errors(run)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
