@@ -76,6 +76,14 @@ def _parse_override(text: str) -> Any:
         return text
 
 
+def read_toml(path: Path) -> dict[str, Any]:
+    """The keys of a TOML config file; an unreadable file is a ConfigError naming it."""
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as error:
+        raise ConfigError(f"cannot read config {path}: {error}") from error
+
+
 def config_from_args(cls: type[T], description: str, argv: list[str] | None = None) -> T:
     """Parse `--config F` plus `--key value` overrides for every knob of `cls` (listed by --help)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -87,10 +95,7 @@ def config_from_args(cls: type[T], description: str, argv: list[str] | None = No
     args = parser.parse_args(argv)
     values: dict[str, Any] = {}
     if args.config is not None:
-        try:
-            values.update(tomllib.loads(args.config.read_text(encoding="utf-8")))
-        except (OSError, tomllib.TOMLDecodeError) as error:
-            raise ConfigError(f"cannot read config {args.config}: {error}") from error
+        values.update(read_toml(args.config))
     for field in dataclasses.fields(cls):
         override = getattr(args, field.name)
         if override is not None:

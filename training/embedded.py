@@ -31,7 +31,7 @@ from mmr1.embedded import ASSETS_DIR, JUDGE_NAME, MODEL_NAME, REWARD_NAME
 from mmr1.prompting import GROUNDING_INSTRUCTION
 from mmr1.tiny import TOKENIZER_CORPUS, TinySpec
 
-from .config import ConfigError, build_config, config_from_args, knob, recipe_main
+from .config import ConfigError, build_config, knob, read_toml, recipe_main
 from .world import TRAIN_SUBJECTS, labelled_scenes, sample_example, write_dataset
 
 WORLD_SPEC = TinySpec(
@@ -137,20 +137,16 @@ class Pipeline:
 
     def judge(self, folder: Path) -> dict:
         from .judge import attribute_accuracy, save_judge, train_judge
-        from .vq import reconstruct
+        from .vq import reconstructed_images
 
         judge, losses = train_judge(self.scenes.images, self.scenes.labels(), self.config.judge_steps,
                                     seed=self.config.seed)
         held_out = labelled_scenes(512, self.config.seed + 2, "heldout")
-        truths = [{**s.__dict__, **c.__dict__} for s, c in zip(held_out.subjects, held_out.scenes)]
         rendered = torch.as_tensor(held_out.images).float() / 255
-        record = {"loss_last": losses[-1], "heldout_renders": attribute_accuracy(judge, rendered, truths)}
-        vq = self._trained_vq()
-        with torch.no_grad():
-            decoded = torch.cat([reconstruct(vq, rendered[i : i + 64].permute(0, 3, 1, 2) * 2 - 1)[0]
-                                 for i in range(0, len(rendered), 64)])
-        record["heldout_vq_reconstructions"] = attribute_accuracy(
-            judge, ((decoded.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1), truths)
+        record = {"loss_last": losses[-1], "heldout_renders": attribute_accuracy(judge, rendered, held_out.truths()),
+                  # the ceiling of any generator drawing through this VQ:
+                  "heldout_vq_reconstructions": attribute_accuracy(
+                      judge, reconstructed_images(self._trained_vq(), held_out.images), held_out.truths())}
         save_judge(judge, folder, {"trained_on": "training/world.py renders (training subjects)", **record})
         return record
 
@@ -217,13 +213,7 @@ class Pipeline:
 
     @staticmethod
     def _recipe(cls, path: Path, **paths):
-        import tomllib
-
-        try:
-            values = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, tomllib.TOMLDecodeError) as error:
-            raise ConfigError(f"cannot read recipe {path}: {error}") from error
-        return build_config(cls, {**values, **paths}, str(path))
+        return build_config(cls, {**read_toml(path), **paths}, str(path))
 
     def run(self) -> Path:
         torch.manual_seed(self.config.seed)

@@ -92,11 +92,13 @@ def _restart_unused(vq, usage: torch.Tensor, batch: torch.Tensor, generator_seed
 
 
 @torch.no_grad()
-def reconstruction_error(vq, images, batch_size: int = 64) -> float:
-    """Mean absolute pixel error (0..1 scale) of encode-decode on uint8 images: how much detail the codes keep."""
-    errors = []
+def reconstructed_images(vq, images, batch_size: int = 64) -> torch.Tensor:
+    """Encode-decode of uint8 images [N, S, S, 3], as float images [N, S, S, 3] in 0..1 (what generation sees)."""
     pixels = to_pixels(images)
-    for start in range(0, len(pixels), batch_size):
-        batch = pixels[start : start + batch_size]
-        errors.append((reconstruct(vq, batch)[0].clamp(-1, 1) - batch).abs().mean(dim=(1, 2, 3)) / 2)
-    return float(torch.cat(errors).mean())
+    decoded = [reconstruct(vq, pixels[start : start + batch_size])[0] for start in range(0, len(pixels), batch_size)]
+    return ((torch.cat(decoded).clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)
+
+
+def reconstruction_error(vq, images) -> float:
+    """Mean absolute pixel error (0..1 scale) of encode-decode on uint8 images: how much detail the codes keep."""
+    return float((reconstructed_images(vq, images) - torch.as_tensor(images).float() / 255).abs().mean())

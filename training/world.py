@@ -114,6 +114,11 @@ class Scene:
         return f"a photo of it {self.phrase()}"
 
 
+def attribute_values(subject: Subject, scene: Scene) -> dict[str, str]:
+    """Every attribute of a rendered scene by name: the true labels."""
+    return {**asdict(subject), **asdict(scene)}
+
+
 def all_subjects() -> list[Subject]:
     return [
         Subject(shape, colour, pattern, pattern_colour)
@@ -272,7 +277,7 @@ class Example:
         return f"{self.subject.description()} {self.target_scene.phrase()}"
 
     def labels(self) -> dict[str, str]:
-        return {**asdict(self.subject), **asdict(self.target_scene)}
+        return attribute_values(self.subject, self.target_scene)
 
     def target(self) -> Image.Image:
         return render(self.subject, self.target_scene, self.seed)
@@ -301,10 +306,14 @@ class LabelledScenes:
     subjects: list[Subject]
     scenes: list[Scene]
 
+    def truths(self) -> list[dict[str, str]]:
+        """Each image's attribute values by name (what the judge is scored against)."""
+        return [attribute_values(subject, scene) for subject, scene in zip(self.subjects, self.scenes)]
+
     def labels(self) -> np.ndarray:
         """[N, len(ATTRIBUTES)] int64 indices into ATTRIBUTE_VALUES, in ATTRIBUTES order."""
-        rows = [{**asdict(subject), **asdict(scene)} for subject, scene in zip(self.subjects, self.scenes)]
-        return np.array([[ATTRIBUTE_VALUES[name].index(row[name]) for name in ATTRIBUTES] for row in rows], np.int64)
+        return np.array([[ATTRIBUTE_VALUES[name].index(row[name]) for name in ATTRIBUTES] for row in self.truths()],
+                        np.int64)
 
 
 def labelled_scenes(count: int, seed: int, split: str = "train") -> LabelledScenes:

@@ -61,9 +61,8 @@ def test_the_judge_reads_scene_attributes_and_round_trips(tmp_path, scenes):
 
     judge, _ = train_judge(scenes.images, scenes.labels(), steps=120, batch_size=32, learning_rate=3e-3)
     test = labelled_scenes(128, seed=9, split="heldout")
-    truths = [{**vars(subject), **vars(scene)} for subject, scene in zip(test.subjects, test.scenes)]
     images = torch.as_tensor(test.images).float() / 255
-    accuracy = attribute_accuracy(judge, images, truths)
+    accuracy = attribute_accuracy(judge, images, test.truths())
     assert accuracy["background"] > 0.9 and accuracy["size"] > 0.8, accuracy
     assert set(accuracy) == {*ATTRIBUTES, "subject", "prompt"}
     save_judge(judge, tmp_path / "judge", {"note": "test"})
