@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 
@@ -39,3 +40,13 @@ def subject_image(size=(48, 40), colour=(210, 40, 40), background=(30, 120, 200)
 @pytest.fixture()
 def reference_image() -> Image.Image:
     return subject_image()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, whose spin-waits dominate on a busy 2-core runner
+    (a module opts in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -70,6 +70,12 @@ _RADIUS = {"small": 10.0, "large": 17.0}  # in 64-pixel units
 _CENTRE_X = {"small": {"left": 15.0, "middle": 32.0, "right": 49.0}, "large": {"left": 21.0, "middle": 32.0, "right": 43.0}}
 
 
+def _check_values(item, names: tuple[str, ...]) -> None:
+    for name in names:
+        if getattr(item, name) not in ATTRIBUTE_VALUES[name]:
+            raise InputError(f"Unknown {name} {getattr(item, name)!r}; choose one of {ATTRIBUTE_VALUES[name]}.")
+
+
 @dataclass(frozen=True, order=True)
 class Subject:
     shape: str
@@ -78,9 +84,7 @@ class Subject:
     pattern_colour: str
 
     def __post_init__(self) -> None:
-        for name in SUBJECT_ATTRIBUTES:
-            if getattr(self, name) not in ATTRIBUTE_VALUES[name]:
-                raise InputError(f"Unknown {name} {getattr(self, name)!r}; choose one of {ATTRIBUTE_VALUES[name]}.")
+        _check_values(self, SUBJECT_ATTRIBUTES)
         if self.colour == self.pattern_colour:
             raise InputError("A subject's pattern colour must differ from its body colour.")
 
@@ -101,9 +105,7 @@ class Scene:
     size: str
 
     def __post_init__(self) -> None:
-        for name in SCENE_ATTRIBUTES:
-            if getattr(self, name) not in ATTRIBUTE_VALUES[name]:
-                raise InputError(f"Unknown {name} {getattr(self, name)!r}; choose one of {ATTRIBUTE_VALUES[name]}.")
+        _check_values(self, SCENE_ATTRIBUTES)
 
     def phrase(self) -> str:
         """'on the beach, small, on the left'."""

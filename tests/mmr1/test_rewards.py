@@ -15,6 +15,7 @@ import transformers
 from PIL import Image
 
 from mmr1.errors import InputError, ModelFolderError
+from mmr1.rewards.models import feature_tensor
 from mmr1.rewards import (
     REWARD_KINDS,
     RewardBreakdown,
@@ -35,17 +36,7 @@ def _random_image(seed: int, size: tuple[int, int] = (48, 40)) -> Image.Image:
     return Image.fromarray(pixels)
 
 
-def _features(output):
-    return output if isinstance(output, torch.Tensor) else output.pooler_output
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, whose spin-waits dominate on a busy 2-core runner."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +119,7 @@ def test_subject_fidelity_matches_dreambench_definition(rewards, folders, images
 
             def embed(batch):
                 pixel_values = reward.image_processor(images=batch, return_tensors="pt")["pixel_values"]
-                return _features(model.get_image_features(pixel_values=pixel_values))
+                return feature_tensor(model.get_image_features(pixel_values=pixel_values))
 
         else:
             model = getattr(transformers, HF_MODEL_CLASS[kind]).from_pretrained(folders[kind]).eval()
@@ -151,11 +142,11 @@ def test_text_alignment_matches_reference_definition(rewards, folders, images, k
     tokenizer = transformers.AutoTokenizer.from_pretrained(folders[kind])
     with torch.no_grad():
         pixel_values = reward.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        image_embeddings = F.normalize(_features(model.get_image_features(pixel_values=pixel_values)), dim=-1)
+        image_embeddings = F.normalize(feature_tensor(model.get_image_features(pixel_values=pixel_values)), dim=-1)
         expected = []
         for prompt, image_embedding in zip(PROMPTS, image_embeddings):
             tokens = tokenizer([prompt], return_tensors="pt")
-            text_embedding = F.normalize(_features(model.get_text_features(**tokens)), dim=-1)[0]
+            text_embedding = F.normalize(feature_tensor(model.get_text_features(**tokens)), dim=-1)[0]
             cosine = text_embedding @ image_embedding
             expected.append(model.logit_scale.exp() * cosine if kind == "pickscore" else cosine)
     torch.testing.assert_close(reward.score(images, prompts=PROMPTS), torch.stack(expected), atol=1e-5, rtol=1e-5)

@@ -36,13 +36,7 @@ ATTRIBUTES = ["red", "purple", "shiny", "wet", "cube shaped"]  # "a red {0} {1}"
 SMALL = {"prompts_per_subject": 2, "images_per_prompt": 2, "references": 2, "max_new_tokens": 16, "progress": False}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, whose spin-waits dominate on a busy 2-core runner."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _prompt_list(scenes: list[str]) -> str:
