@@ -48,8 +48,8 @@ WORLD_SPEC = TinySpec(
     patch_size=8,
     vq_codebook_size=512,
     vq_embed_dim=8,
-    vq_base_channels=64,
-    vq_channel_multiplier=(1, 1, 1, 1),
+    vq_base_channels=32,
+    vq_channel_multiplier=(1, 2, 2, 2),
     vq_latent_channels=32,
     initializer_range=0.02,
 )
@@ -62,11 +62,11 @@ class EmbeddedConfig:
     output_dir: Path = knob(Path("runs/world"), "every stage's output goes under this folder")
     seed: int = knob(0, "seed of every stage")
     scenes: int = knob(6000, "rendered training scenes for the VQ, encoder, judge and reward model")
-    vq_steps: int = knob(500, "VQ tokenizer steps (batches of 16)")
-    vq_full_steps: int = knob(500, "of which the last ones see whole images instead of 32x32 crops")
-    vq_learning_rate: float = knob(3e-3, "VQ tokenizer peak learning rate")
-    understanding_steps: int = knob(400, "understanding encoder steps (batches of 64)")
-    judge_steps: int = knob(600, "judge steps (batches of 64)")
+    vq_steps: int = knob(2000, "VQ tokenizer steps (batches of 16)")
+    vq_full_steps: int = knob(300, "of which the last ones see whole images instead of 32x32 crops")
+    vq_learning_rate: float = knob(2e-3, "VQ tokenizer peak learning rate")
+    understanding_steps: int = knob(2000, "understanding encoder steps (batches of 64)")
+    judge_steps: int = knob(800, "judge steps (batches of 64)")
     reward_steps: int = knob(600, "reward model steps (batches of 64)")
     sft_records: int = knob(3000, "SFT records (training subjects, two references each)")
     grpo_records: int = knob(400, "GRPO prompt records (training subjects)")

@@ -2,8 +2,8 @@
 
 It reads back what a generated image shows (shape, colours, pattern, background, position, size), so
 evaluation can count attributes right instead of trusting a learned reward. It is never used as a reward:
-GRPO optimises the CLIP-style reward model, and the judge only measures. Mild blur and noise during training
-keep it fair to VQ-decoded images, whose edges are softer than the renderer's.
+GRPO optimises the CLIP-style reward model, and the judge only measures. Blur of random strength and noise
+during training keep it fair to VQ-decoded images, whose edges are softer than the renderer's.
 """
 
 from __future__ import annotations
@@ -61,10 +61,12 @@ class AttributeJudge(nn.Module):
 
 
 def _augment(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Half the batch blurred (as VQ decoding softens edges), all of it with a little noise and brightness shift."""
+    """Blur of random strength (VQ decoding softens edges and fine patterns), a little noise and a colour shift."""
     blurred = F.avg_pool2d(F.pad(pixels, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-    pick = torch.rand(len(pixels), 1, 1, 1, generator=generator) < 0.5
-    pixels = torch.where(pick, 0.5 * pixels + 0.5 * blurred, pixels)
+    softened = F.interpolate(F.avg_pool2d(pixels, 2), scale_factor=2, mode="bilinear", align_corners=False)
+    amount = torch.rand(len(pixels), 1, 1, 1, generator=generator)
+    pick = torch.rand(len(pixels), 1, 1, 1, generator=generator) < 0.25
+    pixels = torch.lerp(pixels, torch.where(pick, softened, blurred), amount)
     shift = 0.06 * (torch.rand(len(pixels), 3, 1, 1, generator=generator) - 0.5)
     return pixels + shift + 0.04 * torch.randn(pixels.shape, generator=generator)
 

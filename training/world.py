@@ -41,7 +41,8 @@ COLOURS = {
     "white": (248, 248, 248),
     "black": (25, 25, 25),
 }
-PATTERNS = ("stripes", "spots", "checks", "ring")  # nouns: "a red heart with blue stripes", "... with a blue ring"
+PATTERNS = ("stripes", "spots", "grid", "ring")  # "a red heart with blue stripes", "... with a blue grid"
+_SINGULAR_PATTERNS = ("grid", "ring")
 BACKGROUNDS = {
     "beach": "on the beach",
     "grass": "on the grass",
@@ -66,7 +67,7 @@ ATTRIBUTE_VALUES = {
 HELD_OUT_FRACTION = 0.1
 HELD_OUT_SEED = 2025
 _OUTLINE = (30, 30, 30)
-_RADIUS = {"small": 10.0, "large": 17.0}  # in 64-pixel units
+_RADIUS = {"small": 12.0, "large": 19.0}  # in 64-pixel units
 _CENTRE_X = {"small": {"left": 15.0, "middle": 32.0, "right": 49.0}, "large": {"left": 21.0, "middle": 32.0, "right": 43.0}}
 
 
@@ -90,8 +91,8 @@ class Subject:
 
     def description(self) -> str:
         """'a red heart with blue stripes': the words the reasoning and the reward model's captions use."""
-        if self.pattern == "ring":
-            return f"a {self.colour} {self.shape} with a {self.pattern_colour} ring"
+        if self.pattern in _SINGULAR_PATTERNS:
+            return f"a {self.colour} {self.shape} with a {self.pattern_colour} {self.pattern}"
         return f"a {self.colour} {self.shape} with {self.pattern_colour} {self.pattern}"
 
     def slug(self) -> str:
@@ -174,16 +175,17 @@ def _shape_mask(shape: str, x: np.ndarray, y: np.ndarray, r: float) -> np.ndarra
 
 
 def _pattern_mask(pattern: str, x: np.ndarray, y: np.ndarray, r: float) -> np.ndarray:
-    """Where the pattern colour goes, in subject coordinates; periods scale with the subject."""
-    period = r / 1.9
+    """Where the pattern colour goes, in subject coordinates. Periods scale with the subject and every pattern
+    covers well under half of the body, so "body colour" stays the majority colour (the VQ and judge can tell)."""
+    period = r / 1.4
     if pattern == "stripes":
-        return np.mod(y + r, period) < period / 2
+        return np.mod(y + r, period) < 0.4 * period
     if pattern == "spots":
         gx = np.mod(x + period / 2, period) - period / 2
         gy = np.mod(y + period / 2, period) - period / 2
         return gx**2 + gy**2 <= (0.3 * period) ** 2
-    if pattern == "checks":
-        return (np.floor((x + r) / period) + np.floor((y + r) / period)) % 2 == 0
+    if pattern == "grid":
+        return (np.mod(x + r, period) < 0.22 * period) | (np.mod(y + r, period) < 0.22 * period)
     if pattern == "ring":
         return np.abs(np.sqrt(x**2 + y**2) - 0.5 * r) <= 0.16 * r
     raise InputError(f"Unknown pattern {pattern!r}")

@@ -24,7 +24,10 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-MODEL_NAME = "mmr1-tiny"
+WORKFLOW_MODEL_NAME = "mmr1-world"  # what the shipped workflows load: the model inside the pack (mmr1/assets)
+WORKFLOW_REWARDS = {("mmr1-world-clip", "clip_i"), ("mmr1-world-clip", "clip_t")}  # the pack's own reward model
+WORKFLOW_IMAGE_SIZE = 64
+MODEL_NAME = "mmr1-tiny"  # a random tiny checkpoint the server builds: error cases, training output
 SLOW_MODEL_NAME = "mmr1-tiny-256"  # 256 tokens per image: long enough to interrupt mid-generation
 CORRUPT_MODEL_NAME = "broken/corrupt-weights"
 WEIGHTLESS_MODEL_NAME = "broken/no-weights"

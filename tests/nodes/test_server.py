@@ -18,9 +18,12 @@ from PIL import Image
 from tests.nodes.comfy_server import (
     CORRUPT_MODEL_NAME,
     MODEL_NAME,
+    REPO_ROOT,
     SLOW_MODEL_NAME,
     TRAINED_MODEL_NAMES,
     WEIGHTLESS_MODEL_NAME,
+    WORKFLOW_IMAGE_SIZE,
+    WORKFLOW_MODEL_NAME,
     load_workflow,
 )
 
@@ -31,7 +34,6 @@ NODE_IDS = {
     "MMR1LoadReward": "Load MMR1 Reward",
     "MMR1RewardScore": "Reward Score",
 }
-TINY_IMAGE_SIZE = 32
 
 
 def personalized(**generate_inputs) -> dict:
@@ -60,9 +62,10 @@ def test_every_node_is_registered(comfy):
         assert info[node_id]["display_name"] == display_name
         assert info[node_id]["category"] == "MMR1"
     models = info["MMR1LoadModel"]["input"]["required"]["model"][1]["options"]
+    assert models[0] == WORKFLOW_MODEL_NAME  # the embedded model comes first
     assert {MODEL_NAME, SLOW_MODEL_NAME, CORRUPT_MODEL_NAME} <= set(models)
     rewards = info["MMR1LoadReward"]["input"]["required"]["model"][1]["options"]
-    assert rewards == ["tiny-clip", "tiny-dino"]
+    assert rewards == ["mmr1-world-clip", "tiny-clip", "tiny-dino"]  # embedded first, then models/mmr1_rewards
 
 
 def test_pack_imports_fast(comfy):
@@ -75,7 +78,7 @@ def test_personalized_generation(comfy):
     images = images_of(comfy, entry, "5")
     assert len(images) == 2
     for image in images:
-        assert image.shape == (TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, 3)
+        assert image.shape == (WORKFLOW_IMAGE_SIZE, WORKFLOW_IMAGE_SIZE, 3)
         assert image.std() > 5  # not blank
     assert not np.array_equal(images[0], images[1])  # seed and seed + 1
     reasoning = entry["outputs"]["3"]["text"][0]  # shown on the grounding node
@@ -182,6 +185,7 @@ def test_progress_arrives_per_token_over_the_websocket(comfy):
 def test_interrupt_ends_generation_and_the_next_prompt_succeeds(comfy):
     slow = personalized(seed=31, batch_size=16)
     slow["1"]["inputs"]["model"] = SLOW_MODEL_NAME
+    slow["3"]["inputs"]["max_new_tokens"] = 16  # its 256-token references and subject leave little context
     listener = Listener(comfy)
     try:
         prompt_id = comfy.queue(slow, listener.client_id)
@@ -199,7 +203,7 @@ def test_interrupt_ends_generation_and_the_next_prompt_succeeds(comfy):
 def test_free_releases_the_model(comfy):
     assert comfy.run(personalized(seed=41))["status"]["status_str"] == "success"
     models = comfy.get("/mmr1/models")["models"]
-    assert [m["loaded"] for m in models if m["name"] == MODEL_NAME] == [True]
+    assert [m["loaded"] for m in models if m["name"] == WORKFLOW_MODEL_NAME] == [True]
     comfy.request("/free", {"unload_models": True})
     wait_until(lambda: not any(m["loaded"] for m in comfy.get("/mmr1/models")["models"]))
     comfy.request("/free", {"unload_models": True, "free_memory": True})
@@ -210,7 +214,7 @@ def test_offload_after_run(comfy):
     workflow = personalized(seed=51)
     workflow["1"]["inputs"]["offload"] = "offload after run"
     assert comfy.run(workflow)["status"]["status_str"] == "success"
-    assert not any(m["loaded"] for m in comfy.get("/mmr1/models")["models"] if m["name"] == MODEL_NAME)
+    assert not any(m["loaded"] for m in comfy.get("/mmr1/models")["models"] if m["name"] == WORKFLOW_MODEL_NAME)
 
 
 def wait_until(condition, timeout: float = 30) -> None:
@@ -284,7 +288,8 @@ def test_mask_of_another_size_is_an_error_on_the_grounding_node(comfy):
     workflow["3"]["inputs"]["masks"] = ["7", 0]
     error = execution_error(comfy.run(workflow))
     assert error["node_id"] == "3"
-    assert "16x16" in error["exception_message"] and "128x128" in error["exception_message"]
+    width, height = Image.open(REPO_ROOT / "assets" / "reference.png").size  # the workflow's reference photo
+    assert "16x16" in error["exception_message"] and f"{width}x{height}" in error["exception_message"]
     assert_still_serving(comfy)
 
 

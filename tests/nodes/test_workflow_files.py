@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.nodes.comfy_server import MODEL_NAME, REFERENCE_IMAGE, REPO_ROOT, REWARD_NAMES
+from tests.nodes.comfy_server import REFERENCE_IMAGE, REPO_ROOT, WORKFLOW_MODEL_NAME, WORKFLOW_REWARDS
 
 WORKFLOWS = REPO_ROOT / "workflows"
 UI_WORKFLOWS = ["personalized_generation", "best_of_n", "grounding_to_text_encoder"]
@@ -226,8 +226,8 @@ def test_ui_workflow_widgets(name):
     models = {named_widgets(n)["model"] for n in nodes if n["type"] == "MMR1LoadModel"}
     rewards = {(named_widgets(n)["model"], named_widgets(n)["metric"]) for n in nodes if n["type"] == "MMR1LoadReward"}
     images = {named_widgets(n)["image"] for n in nodes if n["type"] == "LoadImage"}
-    assert models == {MODEL_NAME}  # the names the test server (and the README's make-tiny) provide
-    assert rewards <= {(model, metric) for metric, model in REWARD_NAMES.items()}
+    assert models == {WORKFLOW_MODEL_NAME}  # the embedded model: the workflows run out of the box
+    assert rewards <= WORKFLOW_REWARDS
     assert images == {REFERENCE_IMAGE}
 
 
