@@ -23,9 +23,12 @@ from pathlib import Path
 
 import pytest
 
+from mmr1.embedded import MODEL_NAME as EMBEDDED_MODEL_NAME
+from mmr1.embedded import REWARD_NAME as EMBEDDED_REWARD_NAME
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
-WORKFLOW_MODEL_NAME = "mmr1-world"  # what the shipped workflows load: the model inside the pack (mmr1/assets)
-WORKFLOW_REWARDS = {("mmr1-world-clip", "clip_i"), ("mmr1-world-clip", "clip_t")}  # the pack's own reward model
+WORKFLOW_MODEL_NAME = EMBEDDED_MODEL_NAME  # what the shipped workflows load: the model inside the pack (mmr1/assets)
+WORKFLOW_REWARDS = {(EMBEDDED_REWARD_NAME, "clip_i"), (EMBEDDED_REWARD_NAME, "clip_t")}  # the pack's own reward model
 WORKFLOW_IMAGE_SIZE = 64
 MODEL_NAME = "mmr1-tiny"  # a random tiny checkpoint the server builds: error cases, training output
 SLOW_MODEL_NAME = "mmr1-tiny-256"  # 256 tokens per image: long enough to interrupt mid-generation

@@ -17,6 +17,7 @@ from PIL import Image
 
 from tests.nodes.comfy_server import (
     CORRUPT_MODEL_NAME,
+    EMBEDDED_REWARD_NAME,
     MODEL_NAME,
     REPO_ROOT,
     SLOW_MODEL_NAME,
@@ -65,7 +66,7 @@ def test_every_node_is_registered(comfy):
     assert models[0] == WORKFLOW_MODEL_NAME  # the embedded model comes first
     assert {MODEL_NAME, SLOW_MODEL_NAME, CORRUPT_MODEL_NAME} <= set(models)
     rewards = info["MMR1LoadReward"]["input"]["required"]["model"][1]["options"]
-    assert rewards == ["mmr1-world-clip", "tiny-clip", "tiny-dino"]  # embedded first, then models/mmr1_rewards
+    assert rewards == [EMBEDDED_REWARD_NAME, "tiny-clip", "tiny-dino"]  # embedded first, then models/mmr1_rewards
 
 
 def test_pack_imports_fast(comfy):
