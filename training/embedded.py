@@ -232,10 +232,15 @@ class Pipeline:
 DEMO_TASK_SEED = 7  # held-out task of the bundled demo (a subject training never showed)
 
 
-def install(out: Path, target: Path = ASSETS_DIR) -> Path:
-    """Copy the final model, reward model and judge of a pipeline run into the package, with the demo task."""
+def demo_task():
+    """The held-out task whose references and prompt `install` bundles for `python -m mmr1 demo`."""
     from .evaluate import held_out_tasks
 
+    return held_out_tasks(DEMO_TASK_SEED + 1, seed=0)[DEMO_TASK_SEED]
+
+
+def install(out: Path, target: Path = ASSETS_DIR) -> Path:
+    """Copy the final model, reward model and judge of a pipeline run into the package, with the demo task."""
     sources = {MODEL_NAME: out / "grpo" / "final", REWARD_NAME: out / "reward", JUDGE_NAME: out / "judge"}
     for source in sources.values():
         if not source.is_dir():
@@ -245,7 +250,7 @@ def install(out: Path, target: Path = ASSETS_DIR) -> Path:
         if destination.exists():
             shutil.rmtree(destination)
         shutil.copytree(source, destination, ignore=shutil.ignore_patterns(DONE))
-    task = held_out_tasks(DEMO_TASK_SEED + 1, seed=0)[DEMO_TASK_SEED]
+    task = demo_task()
     demo = target / "demo"
     demo.mkdir(parents=True, exist_ok=True)
     names = []

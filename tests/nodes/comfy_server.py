@@ -25,11 +25,12 @@ import pytest
 
 from mmr1.embedded import MODEL_NAME as EMBEDDED_MODEL_NAME
 from mmr1.embedded import REWARD_NAME as EMBEDDED_REWARD_NAME
+from training.world import IMAGE_SIZE as WORLD_IMAGE_SIZE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKFLOW_MODEL_NAME = EMBEDDED_MODEL_NAME  # what the shipped workflows load: the model inside the pack (mmr1/assets)
 WORKFLOW_REWARDS = {(EMBEDDED_REWARD_NAME, "clip_i"), (EMBEDDED_REWARD_NAME, "clip_t")}  # the pack's own reward model
-WORKFLOW_IMAGE_SIZE = 64
+WORKFLOW_IMAGE_SIZE = WORLD_IMAGE_SIZE  # the embedded model draws the world's scene size
 MODEL_NAME = "mmr1-tiny"  # a random tiny checkpoint the server builds: error cases, training output
 SLOW_MODEL_NAME = "mmr1-tiny-256"  # 256 tokens per image: long enough to interrupt mid-generation
 CORRUPT_MODEL_NAME = "broken/corrupt-weights"

@@ -6,15 +6,14 @@ from __future__ import annotations
 import json
 import time
 
-import numpy as np
 import torch
 from PIL import Image
 
 import mmr1.embedded as embedded
 from mmr1.cli import main
+from mmr1.images import pil_to_tensor
 from mmr1.xcot import parse_reasoning
-from training.embedded import DEMO_TASK_SEED
-from training.evaluate import held_out_tasks
+from training.embedded import demo_task
 from training.judge import load_judge
 
 ASSET_BUDGET_BYTES = 30 * 2**20
@@ -31,13 +30,13 @@ def test_the_demo_runs_in_seconds_and_draws_the_prompted_scene(tmp_path):
     started = time.perf_counter()
     assert main(["demo", "--out", str(tmp_path)]) == 0
     assert time.perf_counter() - started < 60
-    task = held_out_tasks(DEMO_TASK_SEED + 1, seed=0)[DEMO_TASK_SEED]  # what install bundled
+    task = demo_task()  # what install bundled
     record = json.loads((tmp_path / "mmr1_generation.json").read_text())
     assert record["prompt"] == task.prompt
     assert parse_reasoning(record["reasoning"]).format_ok
     paths = sorted(tmp_path.glob("mmr1_seed*.png"))
     assert len(paths) == 4
-    images = torch.stack([torch.as_tensor(np.asarray(Image.open(path).convert("RGB"))).float() / 255 for path in paths])
+    images = torch.stack([pil_to_tensor(Image.open(path)) for path in paths])
     read = load_judge(embedded.ASSETS_DIR / embedded.JUDGE_NAME).predict(images)
     # The scene attributes the model gets right most often (background 97 %, size 63 % on held-out tasks).
     assert sum(row["background"] == task.target_scene.background for row in read) >= 3
