@@ -54,6 +54,8 @@ def _add_generation_options(parser: argparse.ArgumentParser, demo: bool) -> None
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .tiny import SHAPES
+
     parser = argparse.ArgumentParser(prog="python -m mmr1", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -62,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--layout", default="hf", choices=("hf", "deepseek"),
                       help="hf: transformers layout (deepseek-community); deepseek: original (deepseek-ai)")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--shape", default="tiny", choices=tuple(SHAPES),
+                      help="tiny (default) or a real architecture's sizes with random weights, for benchmarks")
+    tiny.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="dtype of the written weights")
 
     tiny_reward = commands.add_parser("make-tiny-reward", help="write a tiny random reward model (DINO, CLIP, ...)")
     tiny_reward.add_argument("out_dir", type=Path)
@@ -95,10 +100,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
-    from .tiny import make_tiny_checkpoint
+    import torch
 
-    path = make_tiny_checkpoint(args.out_dir, layout=args.layout, seed=args.seed)
-    print(f"wrote a tiny {args.layout}-layout Janus checkpoint to {path}")
+    from .loading import resolve_dtype
+    from .tiny import SHAPES, make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(args.out_dir, layout=args.layout, seed=args.seed, spec=SHAPES[args.shape],
+                                dtype=resolve_dtype(args.dtype, torch.device("cpu")))
+    print(f"wrote a random {args.shape}-shaped {args.layout}-layout Janus checkpoint ({args.dtype}) to {path}")
     return 0
 
 

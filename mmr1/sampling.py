@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .errors import GenerationCancelled, InputError
+from .kv_cache import PreallocatedCache, cache_argument
 from .prompting import BatchedPrefix
 
 # (tokens done, tokens total, the [B, total] token buffer filled up to done): enough for bars and previews.
@@ -77,22 +78,27 @@ def policy_logprobs(logits: torch.Tensor, settings: SamplingSettings) -> torch.T
     return logits.log_softmax(dim=-1)
 
 
-def make_generators(seed: int, count: int, device: torch.device) -> list[torch.Generator]:
-    """One generator per row, seeded seed + i: batches reproduce single runs image by image."""
-    generators = []
-    for index in range(count):
+def sampling_noise(seed: int, rows: int, count: int, device: torch.device) -> torch.Tensor:
+    """[rows, count] uniforms in [0, 1), row i from a generator seeded seed + i: batches reproduce single runs
+    image by image, and no step needs a per-row generator call."""
+    noise = torch.empty((rows, count), dtype=torch.float32, device=device)
+    for row in range(rows):
         generator = torch.Generator(device=device)
-        generator.manual_seed((seed + index) % 2**64)
-        generators.append(generator)
-    return generators
+        generator.manual_seed((seed + row) % 2**64)
+        noise[row] = torch.rand(count, generator=generator, device=device)
+    return noise
 
 
-def draw(logprobs: torch.Tensor, generators: list[torch.Generator], greedy: bool) -> torch.Tensor:
-    """One token per row of [B, V] log-probs, each row from its own generator."""
-    if greedy:
+def draw(logprobs: torch.Tensor, uniforms: torch.Tensor | None) -> torch.Tensor:
+    """One token per row of [B, V] log-probs by inverting the CDF at the row's uniform; greedy without uniforms.
+
+    Searching right of the uniform never lands on a zero-probability (truncated) token.
+    """
+    if uniforms is None:
         return logprobs.argmax(dim=-1)
-    probs = logprobs.exp()
-    return torch.cat([torch.multinomial(probs[row], 1, generator=gen) for row, gen in enumerate(generators)])
+    cdf = logprobs.exp().cumsum(dim=-1)
+    target = (uniforms * cdf[:, -1]).unsqueeze(-1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=logprobs.shape[-1] - 1)
 
 
 @dataclass
@@ -149,48 +155,59 @@ def sample_tokens(
     if settings.guided and unconditional is None:
         raise ValueError("Guided sampling needs the unconditional prefix.")
     rows = guided_rows(prefix, unconditional if settings.guided else None)
-    batch = prefix.embeds.shape[0]
+    batch, prefix_length = prefix.embeds.shape[0], rows.embeds.shape[1]
     device = rows.embeds.device
-    generators = make_generators(seed, batch, device)
+    noise = None if settings.temperature == 0 else sampling_noise(seed, batch, num_tokens, device)
     tokens = torch.full((batch, num_tokens), pad_token, dtype=torch.long, device=device)
     logprobs = torch.zeros((batch, num_tokens), dtype=torch.float32, device=device) if return_logprobs else None
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     lengths = torch.full((batch,), num_tokens, dtype=torch.long, device=device)
+    stop_ids = torch.tensor(stop_tokens, device=device)
 
-    step_embeds, attention_mask, position_ids = rows.embeds, rows.attention_mask, rows.position_ids
-    all_embeds, cache = rows.embeds, None
+    # Everything that grows with the sequence is allocated once; each step writes one slot and reads views.
+    capacity = prefix_length + num_tokens
+    attention_mask = rows.attention_mask.new_ones(rows.embeds.shape[0], capacity)
+    attention_mask[:, :prefix_length] = rows.attention_mask
+    position_ids = rows.position_ids[:, -1:] + torch.arange(num_tokens + 1, device=device)  # [rows, 1 + N]
+    if use_cache:
+        cache_options = {cache_argument(mm.language_model): PreallocatedCache(capacity), "use_cache": True}
+        step_embeds, step_positions = rows.embeds, rows.position_ids
+    else:
+        cache_options = {"use_cache": False}
+        all_embeds = rows.embeds.new_empty(rows.embeds.shape[0], capacity, rows.embeds.shape[2])
+        all_embeds[:, :prefix_length] = rows.embeds
+        all_positions = torch.cat([rows.position_ids, position_ids[:, 1:]], dim=1)
     for step in range(num_tokens):
         if cancel is not None and cancel():
             raise GenerationCancelled("Generation was cancelled.")
+        seen = prefix_length + step
+        if not use_cache:
+            step_embeds, step_positions = all_embeds[:, :seen], all_positions[:, :seen]
         output = mm.language_model(
-            inputs_embeds=step_embeds if use_cache else all_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids[:, -step_embeds.shape[1] :] if use_cache else position_ids,
-            past_key_values=cache,
-            use_cache=use_cache,
+            inputs_embeds=step_embeds, attention_mask=attention_mask[:, :seen], position_ids=step_positions,
+            **cache_options,
         )
-        cache = output.past_key_values if use_cache else None
         logits = modality.head(output.last_hidden_state[:, -1])
         step_logprobs = policy_logprobs(logits.view(2, batch, -1) if settings.guided else logits, settings)
-        token = draw(step_logprobs, generators, greedy=settings.temperature == 0)
+        token = draw(step_logprobs, None if noise is None else noise[:, step])
         token = torch.where(finished, torch.full_like(token, pad_token), token)
         tokens[:, step] = token
         if logprobs is not None:
             chosen = step_logprobs.gather(-1, token.unsqueeze(-1)).squeeze(-1)
             logprobs[:, step] = torch.where(finished, torch.zeros_like(chosen), chosen)
         if stop_tokens:
-            stopped = torch.isin(token, torch.tensor(stop_tokens, device=device)) & ~finished
+            stopped = torch.isin(token, stop_ids) & ~finished
             lengths = torch.where(stopped, torch.full_like(lengths, step + 1), lengths)
             finished |= stopped
         if progress is not None:
             progress(step + 1, num_tokens, tokens)
-        if stop_tokens and bool(finished.all()):
+        if stop_tokens and bool(finished.all()):  # text only: the one host sync, to end early
             tokens, logprobs = tokens[:, : step + 1], None if logprobs is None else logprobs[:, : step + 1]
             break
         step_embeds = modality.embed(token.repeat(2 if settings.guided else 1)).unsqueeze(1).to(rows.embeds.dtype)
-        all_embeds = torch.cat([all_embeds, step_embeds], dim=1)
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
-        position_ids = torch.cat([position_ids, position_ids[:, -1:] + 1], dim=1)
+        step_positions = position_ids[:, step + 1 : step + 2]
+        if not use_cache:
+            all_embeds[:, seen : seen + 1] = step_embeds
     return SampledTokens(tokens, logprobs, lengths)
 
 

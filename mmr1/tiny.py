@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -40,9 +40,11 @@ class TinySpec:
     num_heads: int = 4
     max_positions: int = 1024
     tokenizer_vocab_size: int = 384
+    vocab_size: int = 0  # the language model's embedding rows; 0: the tokenizer's size rounded up to 64
     vision_hidden_size: int = 32
     vision_layers: int = 2
     vision_heads: int = 2
+    vision_mlp_ratio: float = 2.0
     image_size: int = 32
     patch_size: int = 4
     vq_codebook_size: int = 256
@@ -50,7 +52,24 @@ class TinySpec:
     vq_base_channels: int = 32  # GroupNorm(32) in the VQ needs multiples of 32
     vq_channel_multiplier: tuple[int, ...] = (1, 2, 2)
     vq_latent_channels: int = 32
+    vq_res_blocks: int = 1
     initializer_range: float = 0.1  # wider than the real 0.02, so conditioning visibly moves the tiny model
+
+
+# The real architectures' sizes (see the model cards; 16x VQ, SigLIP-L/16 at 384 px, 576 image tokens): random
+# folders of these shapes measure speed, memory and load time without downloading the weights.
+SHAPES = {
+    "tiny": TinySpec(),
+    "janus-pro-1b": TinySpec(
+        hidden_size=2048, intermediate_size=5632, num_layers=24, num_heads=16, max_positions=16384,
+        vocab_size=102400, vision_hidden_size=1024, vision_layers=24, vision_heads=16, vision_mlp_ratio=4.0,
+        image_size=384, patch_size=16, vq_codebook_size=16384, vq_embed_dim=8, vq_base_channels=128,
+        vq_channel_multiplier=(1, 1, 2, 2, 4), vq_latent_channels=256, vq_res_blocks=2, initializer_range=0.02,
+    ),
+}
+SHAPES["janus-pro-7b"] = replace(
+    SHAPES["janus-pro-1b"], hidden_size=4096, intermediate_size=11008, num_layers=30, num_heads=32
+)
 
 
 def build_tokenizer(vocab_size: int, corpus: str = TOKENIZER_CORPUS):
@@ -88,7 +107,7 @@ def build_vision_config(spec: TinySpec):
         num_attention_heads=spec.vision_heads,
         image_size=spec.image_size,
         patch_size=spec.patch_size,
-        mlp_ratio=2.0,
+        mlp_ratio=spec.vision_mlp_ratio,
         projection_dim=spec.hidden_size,
         num_image_tokens=(spec.image_size // spec.patch_size) ** 2,
         initializer_range=spec.initializer_range,
@@ -107,7 +126,7 @@ def build_vq_config(spec: TinySpec):
         base_channels=spec.vq_base_channels,
         channel_multiplier=list(spec.vq_channel_multiplier),
         latent_channels=spec.vq_latent_channels,
-        num_res_blocks=1,
+        num_res_blocks=spec.vq_res_blocks,
         num_patches=spec.image_size // spec.patch_size,
         projection_dim=spec.hidden_size,
         image_token_embed_dim=spec.hidden_size,
@@ -119,7 +138,7 @@ def build_janus_config(spec: TinySpec, tokenizer):
     """JanusConfig of the tiny sizes; embeddings untied, as in Janus-Pro."""
     from transformers import JanusConfig, LlamaConfig
 
-    vocab_size = -(-len(tokenizer) // 64) * 64
+    vocab_size = max(spec.vocab_size, -(-len(tokenizer) // 64) * 64)
     text_config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=spec.hidden_size,
@@ -159,31 +178,52 @@ def build_processor(tokenizer, image_size: int, num_image_tokens: int):
     )
 
 
+def build_random_model(
+    spec: TinySpec = TinySpec(),
+    seed: int = 0,
+    corpus: str = TOKENIZER_CORPUS,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+):
+    """A random JanusForConditionalGeneration of `spec`'s sizes with its processor, in memory; built directly on
+    `device` in `dtype`, so a 7B-shaped model never passes through fp32 host memory."""
+    from transformers import JanusForConditionalGeneration
+
+    tokenizer = build_tokenizer(spec.tokenizer_vocab_size, corpus)
+    config = build_janus_config(spec, tokenizer)
+    torch.manual_seed(seed)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = JanusForConditionalGeneration(config).eval()
+    finally:
+        torch.set_default_dtype(default_dtype)
+    processor = build_processor(tokenizer, spec.image_size, config.vision_config.num_image_tokens)
+    return model, processor
+
+
 def make_tiny_checkpoint(
     out_dir: str | os.PathLike,
     layout: str = "hf",
     seed: int = 0,
     spec: TinySpec = TinySpec(),
     corpus: str = TOKENIZER_CORPUS,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Write a tiny random Janus checkpoint in `layout` ("hf": transformers, "deepseek": original) to `out_dir`;
-    the tokenizer learns its merges from `corpus` (the chat template plus a personalization vocabulary)."""
-    from transformers import JanusForConditionalGeneration
-
+    """Write a random Janus checkpoint of `spec`'s sizes (tiny by default, or one of `SHAPES`) in `layout`
+    ("hf": transformers, "deepseek": original) to `out_dir`, with weights in `dtype`; the tokenizer learns its
+    merges from `corpus` (the chat template plus a personalization vocabulary)."""
     if layout not in LAYOUTS:
         raise InputError(f"Unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(spec.tokenizer_vocab_size, corpus)
-    config = build_janus_config(spec, tokenizer)
-    torch.manual_seed(seed)
-    model = JanusForConditionalGeneration(config).eval()
-    processor = build_processor(tokenizer, spec.image_size, config.vision_config.num_image_tokens)
+    model, processor = build_random_model(spec, seed, corpus, dtype=dtype)
     if layout == "hf":
         model.save_pretrained(out, safe_serialization=True)
         processor.save_pretrained(out)
     else:
-        _save_deepseek_layout(out, model, tokenizer, spec.image_size, config.vision_config.num_image_tokens)
+        _save_deepseek_layout(out, model, processor.tokenizer, spec.image_size, model.config.vision_config.num_image_tokens)
     return out
 
 

@@ -28,6 +28,7 @@ from .engine import Run, RunConfig
 from .plots import sample_grid
 from .policy import make_policy
 from .rewards import build_reward
+from .timing import PhaseClock
 
 SEGMENTS = ("image", "reasoning", "both", "alternate")
 
@@ -103,11 +104,14 @@ class Group:
     images: torch.Tensor
 
 
-def rollout(mm, record: Record, config: GRPOConfig, reward_functions, seed: int) -> Group:
-    """G complete X-CoT rollouts for one record: reasoning text, then image tokens conditioned on it."""
+def rollout(mm, record: Record, config: GRPOConfig, reward_functions, seed: int,
+            clock: PhaseClock | None = None) -> Group:
+    """G complete X-CoT rollouts for one record: reasoning text, then image tokens conditioned on it; `clock`
+    times the sampling ("rollout") and the scoring ("reward")."""
     g = config.num_generations
+    clock = clock or PhaseClock(mm.device)
     references = record.load_references()
-    with torch.no_grad():
+    with torch.no_grad(), clock("rollout"):
         grounding_sequence = build_sequence(mm, record.prompt, references, stage="ground")
         text_prefix = batch_prefix(mm, [embed_sequence(mm, grounding_sequence)] * g)
         text = sample_tokens(
@@ -139,10 +143,11 @@ def rollout(mm, record: Record, config: GRPOConfig, reward_functions, seed: int)
         images = mm.decode_image_tokens(image.tokens)
     components = {}
     total = torch.zeros(g)
-    for name, function, weight in reward_functions:
-        scores = function(images, references, [record.prompt] * g, reasonings).float().cpu()
-        components[name] = scores
-        total += weight * scores
+    with clock("reward"):
+        for name, function, weight in reward_functions:
+            scores = function(images, references, [record.prompt] * g, reasonings).float().cpu()
+            components[name] = scores
+            total += weight * scores
     advantages = (total - total.mean()) / (total.std() + 1e-4)
     segments = {
         "reasoning": Segment(text_prefix, None, text.tokens, text_mask, text.logprobs, Modality.text(mm),
@@ -180,17 +185,21 @@ def rollout_seed(config: GRPOConfig, step: int, group: int) -> int:
     return config.seed * 1_000_003 + step * 1_009 + group * 101
 
 
-def policy_loss(policy, group: Group, names: tuple[str, ...], config: GRPOConfig) -> tuple[torch.Tensor, dict]:
-    """The GRPO loss of one group over the optimised segments (the engine's forward)."""
+def policy_loss(policy, group: Group, names: tuple[str, ...], config: GRPOConfig,
+                clock: PhaseClock | None = None) -> tuple[torch.Tensor, dict]:
+    """The GRPO loss of one group over the optimised segments (the engine's forward); `clock` times the
+    teacher-forced log-prob passes ("logprobs")."""
     loss, stats = 0.0, {}
+    clock = clock or PhaseClock(policy.mm.device)
     for name in names:
         segment = group.segments[name]
         scored = (segment.prefix, segment.tokens, segment.modality, segment.settings, segment.unconditional)
-        new = sequence_logprobs(policy.mm, *scored)
-        reference = None
-        if config.beta > 0:
-            with policy.reference() as frozen:
-                reference = sequence_logprobs(frozen, *scored)
+        with clock("logprobs"):
+            new = sequence_logprobs(policy.mm, *scored)
+            reference = None
+            if config.beta > 0:
+                with policy.reference() as frozen:
+                    reference = sequence_logprobs(frozen, *scored)
         part, part_stats = segment_loss(new, segment.old_logprobs, reference, segment.mask,
                                         group.advantages.to(new.device), config.epsilon, config.beta)
         loss = loss + part
@@ -209,7 +218,8 @@ def train(config: GRPOConfig) -> Path:
     reward_functions = [build_reward(spec, device=str(run.device)) for spec in config.rewards]
     mm = load_model(config.model, device=run.device)
     policy = make_policy(mm, config.model, config.lora, with_reference=config.beta > 0)
-    objective = run.prepare(policy, lambda group, names: policy_loss(policy, group, names, config))
+    clock = PhaseClock(run.device)
+    objective = run.prepare(policy, lambda group, names: policy_loss(policy, group, names, config, clock))
     order = RecordOrder(len(records), config.seed)
     start = run.resume(order)
     share = config.prompts_per_step
@@ -220,9 +230,9 @@ def train(config: GRPOConfig) -> Path:
             mine = range(run.process_index * share, (run.process_index + 1) * share)
             mm.model.eval()
             with run.generation_weights(), run.accelerator.autocast():
-                groups = [rollout(mm, records[indices[i]], config, reward_functions, rollout_seed(config, step, i))
+                groups = [rollout(mm, records[indices[i]], config, reward_functions, rollout_seed(config, step, i), clock)
                           for i in mine]
-            rollout_seconds = time.perf_counter() - step_started
+            rollout_seconds = clock.seconds["rollout"]
             sampled = sum(int(g.segments["reasoning"].mask.sum()) + g.segments["image"].tokens.numel() for g in groups)
             mm.model.train()
             names = config.segments_at(step)
@@ -232,9 +242,12 @@ def train(config: GRPOConfig) -> Path:
                 for index, group in enumerate(groups):
                     with run.micro_step(last=index == len(groups) - 1):
                         loss, stats = objective(group, names)
-                        run.backward(loss / len(groups))
+                        with clock("backward"):
+                            run.backward(loss / len(groups))
                     losses.append(float(loss.detach()))
-                grad_norm = run.optimizer_step()
+                with clock("optimizer"):
+                    grad_norm = run.optimizer_step()
+            phases, step_seconds = clock.reset(), time.perf_counter() - step_started
             rewards = run.gather(torch.stack([group.rewards for group in groups]))
             components = {name: run.gather(torch.stack([group.components[name] for group in groups]))
                           for name in groups[0].components}
@@ -246,7 +259,9 @@ def train(config: GRPOConfig) -> Path:
                         "reward_std": float(rewards.std(dim=1).mean()), "segments": list(names),
                         "lr": run.learning_rate, "grad_norm": grad_norm,
                         "rollout_tokens_per_s": round(float(totals[:, 1].sum() / totals[:, 2].max()), 1),
-                        "step_seconds": round(time.perf_counter() - step_started, 3), **stats}
+                        "step_seconds": round(step_seconds, 3),
+                        "samples_per_s": round(len(groups) * config.num_generations * run.num_processes / step_seconds, 3),
+                        **{f"seconds_{phase}": round(seconds, 3) for phase, seconds in phases.items()}, **stats}
                 for name, values in components.items():
                     line[f"{name}_mean"], line[f"{name}_std"] = float(values.mean()), float(values.std(dim=1).mean())
                 run.log(line)

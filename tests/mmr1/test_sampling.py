@@ -8,7 +8,15 @@ import torch
 from mmr1.errors import GenerationCancelled, InputError
 from mmr1.generation import generation_sequence
 from mmr1.prompting import batch_prefix, embed_sequence
-from mmr1.sampling import Modality, SamplingSettings, policy_logprobs, sample_tokens, sequence_logprobs
+from mmr1.sampling import (
+    Modality,
+    SamplingSettings,
+    draw,
+    policy_logprobs,
+    sample_tokens,
+    sampling_noise,
+    sequence_logprobs,
+)
 
 SETTINGS = [
     SamplingSettings(),
@@ -58,6 +66,15 @@ def test_top_k_and_top_p_truncate():
     torch.testing.assert_close(truncated.sum(), torch.tensor(1.0))
 
 
+def test_draw_follows_the_distribution_and_skips_truncated_tokens():
+    logprobs = torch.tensor([0.5, 0.0, 0.3, 0.2, 0.0]).log().expand(20_000, -1)
+    tokens = draw(logprobs, sampling_noise(seed=0, rows=1, count=20_000, device=torch.device("cpu"))[0])
+    frequencies = torch.bincount(tokens, minlength=5).float() / tokens.numel()
+    assert frequencies[1] == 0 and frequencies[4] == 0
+    assert torch.allclose(frequencies, logprobs[0].exp(), atol=0.015)
+    assert torch.equal(draw(logprobs[:2], None), torch.zeros(2, dtype=torch.long))
+
+
 @pytest.mark.parametrize("settings", SETTINGS, ids=["default", "no-cfg", "truncated"])
 def test_logprobs_equal_teacher_forcing(tiny_model, settings):
     mm = tiny_model
@@ -86,6 +103,30 @@ def test_image_i_of_a_batch_equals_a_single_run_with_seed_plus_i(tiny_model):
         single = sample(tiny_model, SamplingSettings(), seed=11 + index, rows=1).tokens
         assert torch.equal(batch[index], single[0])
     assert not torch.equal(batch[0], batch[1])
+
+
+def test_greedy_guided_image_tokens_equal_transformers_generate(tiny_model):
+    """The reference implementation: transformers' own image loop (static cache, CFG logits processor)."""
+    from transformers import GenerationConfig
+
+    mm, count = tiny_model, 12
+    conditional, unconditional = prefixes(mm)
+    ours = sample_tokens(mm, conditional, Modality.image(mm), count, SamplingSettings(cfg_scale=3.0, temperature=0),
+                         seed=0, unconditional=unconditional).tokens
+    input_ids = generation_sequence(mm, "a red square on the beach").input_ids.unsqueeze(0)
+    vision_config = mm.model.model.vision_model.config
+    saved, vision_config.num_image_tokens = vision_config.num_image_tokens, count
+    try:
+        theirs = mm.model.generate(
+            input_ids, attention_mask=torch.ones_like(input_ids), generation_mode="image",
+            generation_config=GenerationConfig(
+                do_sample=False, guidance_scale=3.0, pad_token_id=mm.tokens.pad, bos_token_id=mm.tokens.bos,
+                generation_kwargs={"boi_token_id": mm.tokens.begin_of_image},
+            ),
+        )
+    finally:
+        vision_config.num_image_tokens = saved
+    assert torch.equal(ours, theirs)
 
 
 def test_seed_reproducibility(tiny_model):
