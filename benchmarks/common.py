@@ -9,18 +9,14 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import resource
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # mmr1 and training from this checkout
-
-from training.timing import PhaseClock  # noqa: E402  (re-exported for the benchmarks)
 
 
 def machine() -> str:
@@ -45,34 +41,23 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@dataclass
-class Timing:
-    seconds: float
-    result: object
-
-
-def timed(function: Callable[[], object], device: torch.device, repeats: int = 1) -> Timing:
-    """The fastest of `repeats` synchronised wall-clock runs (the least disturbed by the machine's other work)."""
-    best, result = float("inf"), None
+def timed(function: Callable[[], object], device: torch.device, repeats: int = 1) -> float:
+    """Seconds of the fastest of `repeats` synchronised wall-clock runs (the least disturbed by other work)."""
+    best = float("inf")
     for _ in range(repeats):
         synchronize(device)
         started = time.perf_counter()
-        result = function()
+        function()
         synchronize(device)
         best = min(best, time.perf_counter() - started)
-    return Timing(best, result)
+    return best
 
 
 def memory_bandwidth(device: torch.device, size: int = 2**30) -> float:
     """Bytes/s of the best of 3 reductions over `size` bytes: what a decode step that streams its weights can
     reach on this machine (measured, not the data sheet's figure)."""
     data = torch.ones(size // 4, dtype=torch.float32, device=device)
-    return size / timed(data.sum, device, repeats=3).seconds
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory so far (Linux reports kilobytes)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return size / timed(data.sum, device, repeats=3)
 
 
 def gib(count: float) -> str:

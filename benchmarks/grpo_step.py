@@ -15,7 +15,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from common import add_device_options, machine, table
+from common import add_device_options, apply_threads, machine, table
 
 PHASES = ("rollout", "reward", "logprobs", "backward", "optimizer")
 
@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-reasoning-tokens", type=int, default=72)
     add_device_options(parser)
     args = parser.parse_args(argv)
+    apply_threads(args.threads)
 
     with tempfile.TemporaryDirectory(prefix="mmr1-grpo-bench-") as work:
         work = Path(work)

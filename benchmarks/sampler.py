@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
         ours(4)()  # warm-up: allocator, kernels, lazy inits
         transformers_generate(mm, input_ids, args.images, 4, args.cfg, args.temperature)
-        results = [(name, count, timed(run, mm.device, args.repeats).seconds) for name, count, run in contenders]
+        results = [(name, count, timed(run, mm.device, args.repeats)) for name, count, run in contenders]
     bandwidth = memory_bandwidth(mm.device)
     needed = bytes_per_run(mm, 2 * args.images, len(sequence), tokens)
     results.append(("memory-bandwidth bound", tokens, needed / bandwidth))

@@ -15,7 +15,8 @@ from dataclasses import replace
 import torch
 from PIL import Image
 
-from common import PhaseClock, add_model_options, describe, machine, model_under_test, table
+from common import add_model_options, describe, machine, model_under_test, table
+from training.timing import PhaseClock  # importable once common has put the checkout on the path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -168,7 +168,7 @@ def sample_tokens(
     capacity = prefix_length + num_tokens
     attention_mask = rows.attention_mask.new_ones(rows.embeds.shape[0], capacity)
     attention_mask[:, :prefix_length] = rows.attention_mask
-    position_ids = rows.position_ids[:, -1:] + torch.arange(num_tokens + 1, device=device)  # [rows, 1 + N]
+    next_positions = rows.position_ids[:, -1:] + torch.arange(1, num_tokens + 1, device=device)  # [rows, N]
     if use_cache:
         cache_options = {cache_argument(mm.language_model): PreallocatedCache(capacity), "use_cache": True}
         step_embeds, step_positions = rows.embeds, rows.position_ids
@@ -176,7 +176,7 @@ def sample_tokens(
         cache_options = {"use_cache": False}
         all_embeds = rows.embeds.new_empty(rows.embeds.shape[0], capacity, rows.embeds.shape[2])
         all_embeds[:, :prefix_length] = rows.embeds
-        all_positions = torch.cat([rows.position_ids, position_ids[:, 1:]], dim=1)
+        all_positions = torch.cat([rows.position_ids, next_positions], dim=1)
     for step in range(num_tokens):
         if cancel is not None and cancel():
             raise GenerationCancelled("Generation was cancelled.")
@@ -205,7 +205,7 @@ def sample_tokens(
             tokens, logprobs = tokens[:, : step + 1], None if logprobs is None else logprobs[:, : step + 1]
             break
         step_embeds = modality.embed(token.repeat(2 if settings.guided else 1)).unsqueeze(1).to(rows.embeds.dtype)
-        step_positions = position_ids[:, step + 1 : step + 2]
+        step_positions = next_positions[:, step : step + 1]
         if not use_cache:
             all_embeds[:, seen : seen + 1] = step_embeds
     return SampledTokens(tokens, logprobs, lengths)

@@ -82,6 +82,11 @@ def test_a_short_run_writes_metrics_and_a_loadable_checkpoint(learnable_model, p
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2]
     assert {"reward_mean", "reward_std", "redness_mean", "format_std", "image_kl", "reasoning_clip_fraction"} <= set(lines[0])
+    phases = [f"seconds_{phase}" for phase in ("rollout", "reward", "logprobs", "backward", "optimizer")]
+    for line in lines:  # where each step's time went, within the step's own wall time
+        assert all(line[phase] >= 0 for phase in phases) and line["seconds_rollout"] > 0 < line["seconds_backward"]
+        assert sum(line[phase] for phase in phases) <= line["step_seconds"] + 1e-3
+        assert line["samples_per_s"] == pytest.approx(8 / line["step_seconds"], rel=0.01)
     assert load_model(final, device="cpu").num_image_tokens == 256
     assert json.loads((final / "mmr1_training.json").read_text())["recipe"] == "grpo"
 
