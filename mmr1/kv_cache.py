@@ -37,8 +37,9 @@ class PreallocatedCache(DynamicCache):
         keys[:, :, start:end].copy_(key_states)
         values[:, :, start:end].copy_(value_states)
         self._filled[layer_idx] = end
-        self._expose(layer_idx, keys[:, :, :end], values[:, :, :end])
-        return keys[:, :, :end], values[:, :, :end]
+        filled = keys[:, :, :end], values[:, :, :end]
+        self._expose(layer_idx, *filled)
+        return filled
 
     def _expose(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Let the inherited length queries (mask sizes, positions) see the filled views."""
