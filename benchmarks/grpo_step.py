@@ -1,8 +1,8 @@
 """One GRPO step, broken down: rollout (reasoning, subject and image tokens, VQ decode), reward, log-prob
 recompute (policy and reference), backward, optimizer; with samples/s.
 
-    python benchmarks/grpo_step.py                    # the shipped mmr1-world with its CLIP reward, 3 steps
-    python benchmarks/grpo_step.py --steps 5 --num-generations 16
+    python -m benchmarks.grpo_step                    # the shipped mmr1-world with its CLIP reward, 3 steps
+    python -m benchmarks.grpo_step --steps 5 --num-generations 16
 
 It runs training.grpo.train itself (what `python -m training.grpo` runs) on the demo task and reads the phase
 times the trainer logs to metrics.jsonl; the first step (warm-up) is left out of the means when there are more.
@@ -15,7 +15,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from common import add_device_options, apply_threads, machine, table
+from benchmarks.common import add_device_options, apply_threads, machine, table
 
 PHASES = ("rollout", "reward", "logprobs", "backward", "optimizer")
 

@@ -1,9 +1,9 @@
 """Image-token sampling: mmr1's sampler against transformers' `generate(generation_mode="image")` and a naive
 loop without KV cache, side by side in one process on one model, text-only prompt, same CFG and image count.
 
-    python benchmarks/sampler.py                                   # tiny config, 576 tokens per image
-    python benchmarks/sampler.py --shape janus-pro-1b --tokens 64  # Janus-Pro-1B shapes, random weights
-    python benchmarks/sampler.py --shape janus-pro-7b --images 16 --device cuda
+    python -m benchmarks.sampler                                   # tiny config, 576 tokens per image
+    python -m benchmarks.sampler --shape janus-pro-1b --tokens 64  # Janus-Pro-1B shapes, random weights
+    python -m benchmarks.sampler --shape janus-pro-7b --images 16 --device cuda --compile
 
 Every contender samples the same number of image tokens for the same prompt (CFG rows included in its batch);
 tokens/s counts image tokens of all images, and the ratios are against transformers' generate.
@@ -12,10 +12,12 @@ tokens/s counts image tokens of all images, and the ratios are against transform
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import time
 
 import torch
 
-from common import add_model_options, describe, machine, memory_bandwidth, model_under_test, table, timed
+from benchmarks.common import add_model_options, describe, machine, memory_bandwidth, model_under_test, table, timed
 
 PROMPT = "a photo of a red backpack on the beach"
 
@@ -65,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cfg", type=float, default=5.0)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=2, help="runs per contender; the fastest counts")
+    parser.add_argument("--compile", action="store_true",
+                        help="add mmr1's compiled decoding (torch.compile; CUDA graphs on CUDA) as a contender")
     args = parser.parse_args(argv)
 
     mm = model_under_test(args)
@@ -76,13 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     unconditional = batch_prefix(mm, [embed_sequence(mm, sequence, unconditional=True)] * args.images)
     input_ids = sequence.input_ids.unsqueeze(0).to(mm.device)
 
-    def ours(count: int, **options):
-        return lambda: sample_tokens(mm, conditional, Modality.image(mm), count, settings, seed=0,
+    def ours(count: int, model=mm, **options):
+        return lambda: sample_tokens(model, conditional, Modality.image(model), count, settings, seed=0,
                                      unconditional=unconditional, **options)
 
+    compiled = ours(tokens, model=dataclasses.replace(mm, compile_decoding=True)) if args.compile else None
     contenders = [
         ("mmr1 sampler", tokens, ours(tokens)),
         ("mmr1 sampler, with log-probs", tokens, ours(tokens, return_logprobs=True)),
+        *([("mmr1 sampler, compiled", tokens, compiled)] if compiled else []),
         ("transformers generate", tokens,
          lambda: transformers_generate(mm, input_ids, args.images, tokens, args.cfg, args.temperature)),
         ("naive loop, no KV cache", naive_tokens, ours(naive_tokens, use_cache=False)),
@@ -94,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
         ours(4)()  # warm-up: allocator, kernels, lazy inits
         transformers_generate(mm, input_ids, args.images, 4, args.cfg, args.temperature)
+        if compiled:  # the first run at these shapes compiles: reported, not timed
+            started = time.perf_counter()
+            compiled()
+            print(f"compiled decoding: the first run (compiling) took {time.perf_counter() - started:.1f} s")
         results = [(name, count, timed(run, mm.device, args.repeats)) for name, count, run in contenders]
     bandwidth = memory_bandwidth(mm.device)
     needed = bytes_per_run(mm, 2 * args.images, len(sequence), tokens)

@@ -1,8 +1,8 @@
 """The cost of each X-CoT stage of one personalized generation: grounding text, subject tokens, image tokens,
 and the VQ decode of the images.
 
-    python benchmarks/xcot.py                                    # the shipped mmr1-world on its demo task
-    python benchmarks/xcot.py --shape janus-pro-1b --images 1 --tokens 32 --reasoning-tokens 32
+    python -m benchmarks.xcot                                    # the shipped mmr1-world on its demo task
+    python -m benchmarks.xcot --shape janus-pro-1b --images 1 --tokens 32 --reasoning-tokens 32
 
 With random weights the reasoning is noise; it still costs what reasoning of that length costs.
 """
@@ -15,8 +15,8 @@ from dataclasses import replace
 import torch
 from PIL import Image
 
-from common import add_model_options, describe, machine, model_under_test, table
-from training.timing import PhaseClock  # importable once common has put the checkout on the path
+from benchmarks.common import add_model_options, describe, machine, model_under_test, table
+from training.timing import PhaseClock
 
 
 def main(argv: list[str] | None = None) -> int:

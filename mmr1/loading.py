@@ -70,9 +70,14 @@ def load_model(
     dtype: str | torch.dtype = "auto",
     device: str | torch.device | None = None,
     attn_implementation: str = "sdpa",
+    compile_decoding: bool = False,
 ) -> MMR1Model:
     """Load the model, processor and special-token ids of a checkpoint folder in any supported layout
-    (or of the embedded model, by its name `mmr1-world`)."""
+    (or of the embedded model, by its name `mmr1-world`).
+
+    `compile_decoding` runs the samplers' decode steps through torch.compile (CUDA graphs on CUDA): the first
+    generation of each batch size and length compiles (tens of seconds), later ones run faster.
+    """
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
@@ -82,13 +87,16 @@ def load_model(
         )
     path = _check_folder(resolve_embedded(folder))
     if (path / "adapter_config.json").is_file():
-        return _load_lora(path, torch_dtype, device, attn_implementation)
-    layout = detect_layout(path)
-    _require_files(path)
-    processor = load_processor(path)
-    tokens = SpecialTokens.from_tokenizer(processor.tokenizer, str(path))
-    model = _load_janus(path, layout, tokens, torch_dtype, attn_implementation)
-    return MMR1Model(model.to(device).eval(), processor, tokens, path, layout)
+        mm = _load_lora(path, torch_dtype, device, attn_implementation)
+    else:
+        layout = detect_layout(path)
+        _require_files(path)
+        processor = load_processor(path)
+        tokens = SpecialTokens.from_tokenizer(processor.tokenizer, str(path))
+        model = _load_janus(path, layout, tokens, torch_dtype, attn_implementation)
+        mm = MMR1Model(model.to(device).eval(), processor, tokens, path, layout)
+    mm.compile_decoding = compile_decoding
+    return mm
 
 
 def _check_folder(folder: str | os.PathLike) -> Path:

@@ -29,6 +29,7 @@ class MMR1Model:
     tokens: SpecialTokens
     source: Path
     layout: str  # "hf", "deepseek" or "lora"
+    compile_decoding: bool = False  # decode steps through torch.compile (CUDA graphs on CUDA): see mmr1.decoding
 
     @property
     def device(self) -> torch.device:

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .errors import GenerationCancelled, InputError
-from .kv_cache import PreallocatedCache, cache_argument
+from .decoding import decoding_for
 from .prompting import BatchedPrefix
 
 # (tokens done, tokens total, the [B, total] token buffer filled up to done): enough for bars and previews.
@@ -155,8 +155,7 @@ def sample_tokens(
     if settings.guided and unconditional is None:
         raise ValueError("Guided sampling needs the unconditional prefix.")
     rows = guided_rows(prefix, unconditional if settings.guided else None)
-    batch, prefix_length = prefix.embeds.shape[0], rows.embeds.shape[1]
-    device = rows.embeds.device
+    batch, device = prefix.embeds.shape[0], rows.embeds.device
     noise = None if settings.temperature == 0 else sampling_noise(seed, batch, num_tokens, device)
     tokens = torch.full((batch, num_tokens), pad_token, dtype=torch.long, device=device)
     logprobs = torch.zeros((batch, num_tokens), dtype=torch.float32, device=device) if return_logprobs else None
@@ -164,30 +163,11 @@ def sample_tokens(
     lengths = torch.full((batch,), num_tokens, dtype=torch.long, device=device)
     stop_ids = torch.tensor(stop_tokens, device=device)
 
-    # Everything that grows with the sequence is allocated once; each step writes one slot and reads views.
-    capacity = prefix_length + num_tokens
-    attention_mask = rows.attention_mask.new_ones(rows.embeds.shape[0], capacity)
-    attention_mask[:, :prefix_length] = rows.attention_mask
-    next_positions = rows.position_ids[:, -1:] + torch.arange(1, num_tokens + 1, device=device)  # [rows, N]
-    if use_cache:
-        cache_options = {cache_argument(mm.language_model): PreallocatedCache(capacity), "use_cache": True}
-        step_embeds, step_positions = rows.embeds, rows.position_ids
-    else:
-        cache_options = {"use_cache": False}
-        all_embeds = rows.embeds.new_empty(rows.embeds.shape[0], capacity, rows.embeds.shape[2])
-        all_embeds[:, :prefix_length] = rows.embeds
-        all_positions = torch.cat([rows.position_ids, next_positions], dim=1)
+    decoding = decoding_for(mm, rows, num_tokens, modality.head, use_cache)
+    logits = decoding.prefill()
     for step in range(num_tokens):
         if cancel is not None and cancel():
             raise GenerationCancelled("Generation was cancelled.")
-        seen = prefix_length + step
-        if not use_cache:
-            step_embeds, step_positions = all_embeds[:, :seen], all_positions[:, :seen]
-        output = mm.language_model(
-            inputs_embeds=step_embeds, attention_mask=attention_mask[:, :seen], position_ids=step_positions,
-            **cache_options,
-        )
-        logits = modality.head(output.last_hidden_state[:, -1])
         step_logprobs = policy_logprobs(logits.view(2, batch, -1) if settings.guided else logits, settings)
         token = draw(step_logprobs, None if noise is None else noise[:, step])
         token = torch.where(finished, torch.full_like(token, pad_token), token)
@@ -204,10 +184,9 @@ def sample_tokens(
         if stop_tokens and bool(finished.all()):  # text only: the one host sync, to end early
             tokens, logprobs = tokens[:, : step + 1], None if logprobs is None else logprobs[:, : step + 1]
             break
-        step_embeds = modality.embed(token.repeat(2 if settings.guided else 1)).unsqueeze(1).to(rows.embeds.dtype)
-        step_positions = next_positions[:, step : step + 1]
-        if not use_cache:
-            all_embeds[:, seen : seen + 1] = step_embeds
+        if step + 1 < num_tokens:
+            step_embeds = modality.embed(token.repeat(2 if settings.guided else 1)).unsqueeze(1)
+            logits = decoding.step(step_embeds.to(rows.embeds.dtype))
     return SampledTokens(tokens, logprobs, lengths)
 
 

@@ -46,20 +46,39 @@ class LoadMMR1Model(io.ComfyNode):
                     tooltip="keep loaded: stay on the GPU between runs (ComfyUI still evicts it when memory is "
                     "needed); offload after run: move to the CPU after each node that uses it.",
                 ),
+                io.Boolean.Input(
+                    "compile",
+                    default=False,
+                    optional=True,
+                    tooltip="Compile the token-by-token decode steps with torch.compile, replayed as CUDA graphs on "
+                    "GPUs. The first run of each batch size compiles for tens of seconds; later runs are faster.",
+                ),
             ],
             outputs=[MMR1Model.Output(display_name="mmr1_model")],
         )
 
     @classmethod
-    def execute(cls, model: str, dtype: str, attention: str, offload: str) -> io.NodeOutput:
+    def execute(cls, model: str, dtype: str, attention: str, offload: str, compile: bool = False) -> io.NodeOutput:
         import comfy.model_management as model_management
 
+        from ..mmr1.decoding import compiled_state, release_compiled_state
         from ..mmr1.loading import load_model, resolve_dtype
 
         folder = paths.resolve_model_folder(paths.MODELS, model)
         torch_dtype = resolve_dtype(dtype, model_management.get_torch_device())
         mm = load_model(
-            folder, dtype=torch_dtype, device=model_management.unet_offload_device(), attn_implementation=attention
+            folder,
+            dtype=torch_dtype,
+            device=model_management.unet_offload_device(),
+            attn_implementation=attention,
+            compile_decoding=compile,
         )
-        handle = manage(model, mm, mm.model, offload, kind="janus", layout=mm.layout, dtype=str(torch_dtype))
+        language_model = mm.language_model
+        handle = manage(
+            model, mm, mm.model, offload,
+            # Compiled decoding keeps a KV cache between runs (CUDA graphs replay at its address): not past an unload.
+            on_unload=lambda: release_compiled_state(language_model),
+            live_details=lambda: {"compiled_decode_buffers": compiled_state(language_model) is not None},
+            kind="janus", layout=mm.layout, dtype=str(torch_dtype), compile=compile,
+        )
         return io.NodeOutput(handle)

@@ -8,12 +8,14 @@ drops the loader's output the weights are garbage collected (nothing here keeps 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import comfy.model_management as model_management
 import comfy.model_patcher
 import comfy.utils
 import torch
+from comfy.patcher_extension import CallbacksMP
 
 OFFLOAD_POLICIES = ("keep loaded", "offload after run")
 
@@ -41,22 +43,35 @@ class MMR1Handle:
     patcher: comfy.model_patcher.ModelPatcher
     offload_policy: str = OFFLOAD_POLICIES[0]
     details: dict = field(default_factory=dict)
+    live_details: Callable[[], dict] | None = None  # status entries that change while the model lives
 
     def __post_init__(self) -> None:
         _LIVE_HANDLES.add(self)
 
     def status(self) -> dict:
         loaded = any(loaded.model is self.patcher for loaded in model_management.current_loaded_models)
-        return {"name": self.name, "device": str(self.container.device), "loaded": loaded, **self.details}
+        live = self.live_details() if self.live_details else {}
+        return {"name": self.name, "device": str(self.container.device), "loaded": loaded, **self.details, **live}
 
 
-def manage(name: str, payload: object, module: torch.nn.Module, offload_policy: str, **details) -> MMR1Handle:
-    """Wrap a freshly loaded model (on the offload device) for ComfyUI's model management."""
+def manage(
+    name: str,
+    payload: object,
+    module: torch.nn.Module,
+    offload_policy: str,
+    on_unload: Callable[[], None] | None = None,
+    live_details: Callable[[], dict] | None = None,
+    **details,
+) -> MMR1Handle:
+    """Wrap a freshly loaded model (on the offload device) for ComfyUI's model management; `on_unload` runs
+    whenever ComfyUI unloads it (/free, memory pressure, the offload policy)."""
     load_device = model_management.get_torch_device()
     offload_device = model_management.unet_offload_device()
     container = ModuleContainer(module, offload_device)
     patcher = comfy.model_patcher.ModelPatcher(container, load_device=load_device, offload_device=offload_device)
-    return MMR1Handle(name, payload, container, patcher, offload_policy, details)
+    if on_unload is not None:
+        patcher.add_callback(CallbacksMP.ON_DETACH, lambda patcher, unpatch_all: on_unload())
+    return MMR1Handle(name, payload, container, patcher, offload_policy, details, live_details)
 
 
 def live_handles() -> list[dict]:

@@ -107,25 +107,14 @@ def test_image_i_of_a_batch_equals_a_single_run_with_seed_plus_i(tiny_model):
 
 def test_greedy_guided_image_tokens_equal_transformers_generate(tiny_model):
     """The reference implementation: transformers' own image loop (static cache, CFG logits processor)."""
-    from transformers import GenerationConfig
+    from benchmarks.sampler import transformers_generate
 
     mm, count = tiny_model, 12
     conditional, unconditional = prefixes(mm)
     ours = sample_tokens(mm, conditional, Modality.image(mm), count, SamplingSettings(cfg_scale=3.0, temperature=0),
                          seed=0, unconditional=unconditional).tokens
     input_ids = generation_sequence(mm, "a red square on the beach").input_ids.unsqueeze(0)
-    vision_config = mm.model.model.vision_model.config
-    saved, vision_config.num_image_tokens = vision_config.num_image_tokens, count
-    try:
-        theirs = mm.model.generate(
-            input_ids, attention_mask=torch.ones_like(input_ids), generation_mode="image",
-            generation_config=GenerationConfig(
-                do_sample=False, guidance_scale=3.0, pad_token_id=mm.tokens.pad, bos_token_id=mm.tokens.bos,
-                generation_kwargs={"boi_token_id": mm.tokens.begin_of_image},
-            ),
-        )
-    finally:
-        vision_config.num_image_tokens = saved
+    theirs = transformers_generate(mm, input_ids, images=1, tokens=count, cfg=3.0, temperature=0.0)
     assert torch.equal(ours, theirs)
 
 

@@ -218,6 +218,25 @@ def test_offload_after_run(comfy):
     assert not any(m["loaded"] for m in comfy.get("/mmr1/models")["models"] if m["name"] == WORKFLOW_MODEL_NAME)
 
 
+def test_compile_on_the_loader_gives_the_same_images(comfy):
+    """The loader's optional compile input: decode steps through torch.compile inside the server's worker."""
+    eager = comfy.run(personalized(seed=61, batch_size=1))
+    workflow = personalized(seed=61, batch_size=1)
+    workflow["1"]["inputs"]["compile"] = True
+    compiled = comfy.run(workflow, timeout=600)  # compiles the text and the image steps first
+    assert compiled["status"]["status_str"] == "success", comfy.log_tail()
+    assert compiled["outputs"]["3"]["text"][0]  # grounding ran anew, its text steps compiled too
+    assert np.array_equal(images_of(comfy, compiled, "5")[0], images_of(comfy, eager, "5")[0])
+
+    def compiled_models() -> list[dict]:
+        return [m for m in comfy.get("/mmr1/models")["models"] if m.get("compile")]
+
+    # The KV cache kept for the next run (CUDA graphs replay at its address) goes with an unload.
+    assert [m["compiled_decode_buffers"] for m in compiled_models()] == [True]
+    comfy.request("/free", {"unload_models": True})
+    wait_until(lambda: [m["compiled_decode_buffers"] for m in compiled_models()] in ([False], []))
+
+
 def wait_until(condition, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
