@@ -2,7 +2,8 @@
 
 transformers' `generate(generation_mode="image")` embeds token ids only, so it cannot see reference images; this
 loop takes input embeddings instead. One decoding step is the same for both modalities: run the language model
-over the new positions, apply the head, guide, temper, truncate, sample, embed the sampled token.
+over the new positions, apply the head, guide, temper, truncate, sample, embed the sampled token. How the model
+runs (preallocated cache, compiled fixed-shape steps, no cache) is `mmr1.decoding`'s part.
 
 The policy is defined as the distribution actually sampled from (guided, tempered, truncated logits), so the
 log-probs returned here and those of `sequence_logprobs` (teacher forcing, what GRPO differentiates) agree.
