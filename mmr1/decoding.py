@@ -32,6 +32,7 @@ class Decoding(ABC):
 
     def __init__(self, mm, rows: BatchedPrefix, num_tokens: int, head: Head, capacity: int | None = None) -> None:
         self.language_model, self.head, self.rows = mm.language_model, head, rows
+        self.cache_name = cache_argument(self.language_model)  # inspects the signature: once, not per token
         self.prefix_length = rows.embeds.shape[1]
         self.capacity = capacity or self.prefix_length + num_tokens
         self.attention_mask = rows.attention_mask.new_ones(rows.embeds.shape[0], self.capacity)
@@ -61,7 +62,7 @@ class CachedDecoding(Decoding):
         self.cache = PreallocatedCache(self.capacity)
 
     def _cache_options(self) -> dict:
-        return {cache_argument(self.language_model): self.cache, "use_cache": True}
+        return {self.cache_name: self.cache, "use_cache": True}
 
     def prefill(self) -> torch.Tensor:
         return self._forward(self.rows.embeds, self.rows.position_ids, self.prefix_length, **self._cache_options())
@@ -146,8 +147,8 @@ class CompiledDecoding(CachedDecoding):
     def step(self, embeds: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are consumed by now
-        return self.compiled_step(self.language_model, self.head, cache_argument(self.language_model), embeds,
-                                  self.cache, self.positions, self.visible)
+        return self.compiled_step(self.language_model, self.head, self.cache_name, embeds, self.cache,
+                                  self.positions, self.visible)
 
 
 def decode_step(language_model, head: Head, cache_name: str, embeds: torch.Tensor, cache: SlotCache,
