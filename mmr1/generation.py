@@ -52,8 +52,11 @@ def generate(
     return_logprobs: bool = False,
     progress: ProgressCallback | None = None,
     cancel: CancelCheck | None = None,
+    synced: bool = False,
 ) -> GenerationResult:
-    """`num_images` images for one prompt; image i uses seed + i. Without grounding: plain text-to-image."""
+    """`num_images` images for one prompt; image i uses seed + i. Without grounding: plain text-to-image.
+
+    `synced` is sample_tokens' (image tokens have no stop, so every process already runs the same forwards)."""
     if num_images < 1:
         raise InputError(f"num_images must be at least 1, got {num_images}.")
     sequence = generation_sequence(mm, prompt, grounding, reasoning)
@@ -72,6 +75,7 @@ def generate(
         return_logprobs=return_logprobs,
         progress=progress,
         cancel=cancel,
+        synced=synced,
     )
     return GenerationResult(
         images=mm.decode_image_tokens(sampled.tokens),

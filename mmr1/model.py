@@ -81,17 +81,29 @@ class MMR1Model:
         """Input embeddings of VQ image tokens (generation embeddings through the generation aligner)."""
         return self.model.prepare_embeddings_for_image_generation(tokens.to(self.device))
 
+    @torch.no_grad()
+    def understanding_features(self, images: list[Image.Image]) -> torch.Tensor:
+        """[N, tokens_per_image, vision_hidden] SigLIP features of reference images. The vision tower is frozen
+        (inference and training alike), so a group of rollouts computes them once and every row reuses them."""
+        vision = self.model.model.vision_model
+        pixel_values = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        dtype = next(vision.parameters()).dtype
+        return vision(pixel_values.to(self.device, dtype)).last_hidden_state
+
+    def align_understanding(self, features: torch.Tensor) -> torch.Tensor:
+        """[N, tokens_per_image, hidden] input embeddings from SigLIP features through the (trainable) aligner."""
+        aligner = self.model.model.aligner
+        return aligner(features.to(next(aligner.parameters()).dtype))
+
     def embed_understanding_images(self, images: list[Image.Image]) -> torch.Tensor:
         """[N, tokens_per_image, hidden] from the SigLIP encoder and aligner, as Janus does for understanding."""
-        pixel_values = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
-        features = self.model.model.get_image_features(pixel_values.to(self.device, self.dtype))
-        return getattr(features, "pooler_output", features)
+        return self.align_understanding(self.understanding_features(images))
 
     def image_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.model.model.generation_head(hidden_states)
+        return head_logits(self.model.model.generation_head, hidden_states)
 
     def text_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(hidden_states)
+        return head_logits(self.model.lm_head, hidden_states)
 
     @torch.no_grad()
     def encode_image_tokens(self, images: list[Image.Image]) -> torch.Tensor:
@@ -112,3 +124,12 @@ class MMR1Model:
         """Images [N, H, W, 3] float32 in 0..1 (the ComfyUI IMAGE convention) from VQ tokens."""
         decoded = self.model.decode_image_tokens(tokens.to(self.device))
         return ((decoded.float().clamp(-1, 1) + 1) / 2).cpu()
+
+
+def head_logits(head: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The head in its weights' own precision, outside autocast: fp32 master weights give fp32 logits under
+    bf16 training (as TRL's cast_lm_head_to_fp32), so sampler and trainer log-probs stay comparable; a bf16
+    model is unaffected."""
+    dtype = next(head.parameters()).dtype
+    with torch.autocast(hidden_states.device.type, enabled=False):
+        return head(hidden_states.to(dtype))

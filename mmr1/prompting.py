@@ -116,8 +116,14 @@ def check_fits(mm, sequence: PromptSequence, new_tokens: int) -> None:
         )
 
 
-def embed_sequence(mm, sequence: PromptSequence, unconditional: bool = False) -> torch.Tensor:
-    """[L, hidden] input embeddings: text embeddings, with reference features and subject tokens in their slots."""
+def embed_sequence(
+    mm, sequence: PromptSequence, unconditional: bool = False, reference_features: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[L, hidden] input embeddings: text embeddings, with reference features and subject tokens in their slots.
+
+    `reference_features` are the references' `mm.understanding_features`, when the caller embeds many sequences
+    over the same references and computes them once.
+    """
     ids = sequence.input_ids.to(mm.device)
     if unconditional:
         ids = torch.where(sequence.keep_unconditional.to(mm.device), ids, torch.full_like(ids, mm.tokens.pad))
@@ -126,7 +132,9 @@ def embed_sequence(mm, sequence: PromptSequence, unconditional: bool = False) ->
         return embeds
     kinds = sequence.slot_kinds.to(mm.device)
     if sequence.references:
-        features = mm.embed_understanding_images(sequence.references)
+        if reference_features is None:
+            reference_features = mm.understanding_features(sequence.references)
+        features = mm.align_understanding(reference_features)
         embeds = embeds.masked_scatter((kinds == UNDERSTANDING).unsqueeze(-1), features.to(embeds.dtype))
     if sequence.subject_tokens is not None:
         subject = mm.embed_image_tokens(sequence.subject_tokens.reshape(-1))

@@ -14,7 +14,7 @@ with seed `seed + i`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -49,6 +49,12 @@ class SamplingSettings:
     @property
     def guided(self) -> bool:
         return self.cfg_scale != 1.0
+
+    @property
+    def untruncated(self) -> "SamplingSettings":
+        """The same guidance and temperature without top-k/top-p: where GRPO takes its KL (a truncated reference
+        gives -inf to tokens the policy kept)."""
+        return replace(self, top_k=0, top_p=1.0)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -151,10 +157,18 @@ def sample_tokens(
     return_logprobs: bool = False,
     progress: ProgressCallback | None = None,
     cancel: CancelCheck | None = None,
+    synced: bool = False,
 ) -> SampledTokens:
-    """Sample `num_tokens` tokens after `prefix` (B rows); with guidance `unconditional` gives the twin rows."""
+    """Sample `num_tokens` tokens after `prefix` (B rows); with guidance `unconditional` gives the twin rows.
+
+    `synced` (transformers' `synced_gpus`), when torch.distributed is initialised: a process whose rows have all
+    stopped keeps stepping on pad tokens until every process's have, since under FSDP and ZeRO-3 each forward is a
+    collective. What it returns is what an unsynced run returns, trimmed where its own rows stopped.
+    """
     if settings.guided and unconditional is None:
         raise ValueError("Guided sampling needs the unconditional prefix.")
+    distributed = torch.distributed
+    synced = synced and bool(stop_tokens) and distributed.is_available() and distributed.is_initialized()
     rows = guided_rows(prefix, unconditional if settings.guided else None)
     batch, device = prefix.embeds.shape[0], rows.embeds.device
     noise = None if settings.temperature == 0 else sampling_noise(seed, batch, num_tokens, device)
@@ -163,6 +177,7 @@ def sample_tokens(
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     lengths = torch.full((batch,), num_tokens, dtype=torch.long, device=device)
     stop_ids = torch.tensor(stop_tokens, device=device)
+    stopped_at: int | None = None  # the columns kept: up to the step where this process's rows had all stopped
 
     decoding = decoding_for(mm, rows, num_tokens, modality.head, use_cache)
     logits = decoding.prefill()
@@ -182,13 +197,55 @@ def sample_tokens(
             finished |= stopped
         if progress is not None:
             progress(step + 1, num_tokens, tokens)
-        if stop_tokens and bool(finished.all()):  # text only: the one host sync, to end early
-            tokens, logprobs = tokens[:, : step + 1], None if logprobs is None else logprobs[:, : step + 1]
-            break
+        if stop_tokens:  # text only: a host sync per step, to end early
+            if stopped_at is None and bool(finished.all()):
+                stopped_at = step + 1
+            running = stopped_at is None
+            if synced:  # other processes may still be running: step on until none is
+                flag = torch.tensor(int(running), device=device)
+                distributed.all_reduce(flag, op=distributed.ReduceOp.MAX)
+                running = bool(flag)
+            if not running:
+                break
         if step + 1 < num_tokens:
             step_embeds = modality.embed(token.repeat(2 if settings.guided else 1)).unsqueeze(1)
             logits = decoding.step(step_embeds.to(rows.embeds.dtype))
+    if stopped_at is not None:
+        tokens, logprobs = tokens[:, :stopped_at], None if logprobs is None else logprobs[:, :stopped_at]
     return SampledTokens(tokens, logprobs, lengths)
+
+
+def sequence_logits(
+    mm,
+    prefix: BatchedPrefix,
+    tokens: torch.Tensor,
+    modality: Modality,
+    guided: bool,
+    unconditional: BatchedPrefix | None = None,
+) -> torch.Tensor:
+    """The head's logits at every position of `tokens` after `prefix`, teacher-forced in one forward pass:
+    [2, B, N, V] with guidance (conditional rows, then their unconditional twins), else [B, N, V].
+
+    Differentiable (no inference mode): GRPO scores the same forward under several settings (`token_logprobs`).
+    """
+    rows = guided_rows(prefix, unconditional if guided else None)
+    batch, count = tokens.shape
+    repeat = 2 if guided else 1
+    fed = modality.embed(tokens[:, :-1].repeat(repeat, 1)).to(rows.embeds.dtype)
+    embeds = torch.cat([rows.embeds, fed], dim=1)
+    attention_mask = torch.cat([rows.attention_mask, rows.attention_mask.new_ones(rows.embeds.shape[0], count - 1)], 1)
+    steps = torch.arange(1, count, device=rows.position_ids.device)
+    position_ids = torch.cat([rows.position_ids, rows.position_ids[:, -1:] + steps], dim=1)
+    hidden = mm.language_model(
+        inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state[:, -count:]
+    logits = modality.head(hidden)
+    return logits.view(2, batch, count, -1) if guided else logits
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
+    """[B, N] log-probs of `tokens` under the distribution `settings` makes of `sequence_logits`' output."""
+    return policy_logprobs(logits, settings).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def sequence_logprobs(
@@ -199,21 +256,6 @@ def sequence_logprobs(
     settings: SamplingSettings,
     unconditional: BatchedPrefix | None = None,
 ) -> torch.Tensor:
-    """Teacher-forced log-probs [B, N] of `tokens` after `prefix` under the sampled policy, in one forward pass.
-
-    Differentiable (no inference mode): GRPO computes new, old and reference log-probs with it.
-    """
-    rows = guided_rows(prefix, unconditional if settings.guided else None)
-    batch, count = tokens.shape
-    repeat = 2 if settings.guided else 1
-    fed = modality.embed(tokens[:, :-1].repeat(repeat, 1)).to(rows.embeds.dtype)
-    embeds = torch.cat([rows.embeds, fed], dim=1)
-    attention_mask = torch.cat([rows.attention_mask, rows.attention_mask.new_ones(rows.embeds.shape[0], count - 1)], 1)
-    steps = torch.arange(1, count, device=rows.position_ids.device)
-    position_ids = torch.cat([rows.position_ids, rows.position_ids[:, -1:] + steps], dim=1)
-    hidden = mm.language_model(
-        inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    ).last_hidden_state[:, -count:]
-    logits = modality.head(hidden)
-    step_logprobs = policy_logprobs(logits.view(2, batch, count, -1) if settings.guided else logits, settings)
-    return step_logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    """Teacher-forced log-probs [B, N] of `tokens` after `prefix` under the sampled policy, in one forward pass."""
+    logits = sequence_logits(mm, prefix, tokens, modality, settings.guided, unconditional)
+    return token_logprobs(logits, tokens, settings)

@@ -137,8 +137,11 @@ def ground(
     subject_source: str = "reference",
     progress: ProgressCallback | None = None,
     cancel: CancelCheck | None = None,
+    synced: bool = False,
 ) -> Grounding:
-    """Stage 1 and 2 of X-CoT for one subject: the model reads the references and writes the reasoning."""
+    """Stage 1 and 2 of X-CoT for one subject: the model reads the references and writes the reasoning.
+
+    `synced`: every process of a sharded (FSDP, ZeRO-3) model steps until all have stopped (see sample_tokens)."""
     if max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
     check_subject_source(subject_source)  # before the reasoning is sampled, not after
@@ -157,6 +160,7 @@ def ground(
         pad_token=mm.tokens.pad,
         progress=progress,
         cancel=cancel,
+        synced=synced,
     )
     text = mm.tokenizer.decode(sampled.tokens[0, : int(sampled.lengths[0])], skip_special_tokens=True).strip()
     parsed = parse_reasoning(text)

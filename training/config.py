@@ -150,13 +150,14 @@ TEMPLATES = {  # file under training/configs: (recipe module, its config class, 
         "model": f"{_WORLD}/base", "data": f"{_WORLD}/data/sft/records.jsonl", "output_dir": f"{_WORLD}/sft",
         "steps": 800, "learning_rate": 1e-3, "warmup_steps": 50, "weight_decay": 0.01, "batch_size": 16,
         "log_every": 20, "save_every": 200, "keep_checkpoints": 1, "unconditional_prob": 0.1,
-        "reasoning_drop_prob": 0.2,
+        "reasoning_drop_prob": 0.2, "gradient_checkpointing": False,
     }),
     "world/grpo.toml": ("training.grpo", "GRPOConfig", "GRPO of the embedded world model with its reward model", {
         "model": f"{_WORLD}/sft/final", "data": f"{_WORLD}/data/grpo/records.jsonl", "output_dir": f"{_WORLD}/grpo",
         "rewards": ("clip_i={reward}@1", "clip_t={reward}@1", "format@0.1"),
         "steps": 60, "learning_rate": 2e-5, "prompts_per_step": 2, "num_generations": 8, "beta": 0.01,
         "cfg_scale": 3.0, "max_reasoning_tokens": 72, "save_every": 25, "keep_checkpoints": 1, "log_every": 1,
+        "gradient_checkpointing": False,
     }),
 }
 

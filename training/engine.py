@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import itertools
 import json
 import shutil
 from collections.abc import Callable, Sequence
@@ -60,7 +61,8 @@ class RunConfig:
     lora_targets: tuple[str, ...] = knob(LORA_TARGETS, "language-model module names that get LoRA adapters")
     subject_source: str = knob("reference", "visual intermediate in the chain: 'reference' or 'none'")
     dtype: str = knob("fp32", "fp32, or bf16 (autocast with fp32 master weights, accelerate mixed precision)")
-    gradient_checkpointing: bool = knob(False, "recompute activations in backward to save memory")
+    gradient_checkpointing: bool = knob(True, "recompute each decoder layer's activations in backward: a GRPO "
+                                              "group's 2G long rows otherwise hold L layers of activations")
     device: str | None = knob(None, "'cpu' forces the CPU; otherwise accelerate picks each process's device")
     seed: int = knob(0, "seed of data order, sampling and initialisation")
     log_every: int = knob(1, "steps between metrics lines")
@@ -110,6 +112,32 @@ class Objective(torch.nn.Module):
         return self.loss(*args, **kwargs)
 
 
+def zero3_parameter_offload(engine):
+    """The part of a ZeRO-3 engine whose hooks gather each module's parameters around its forward."""
+    return getattr(engine.optimizer, "parameter_offload", engine.optimizer)
+
+
+def remove_zero3_hooks(engine) -> None:
+    """Take ZeRO-3's per-module gather and release hooks off, as TRL's `remove_hooks` does before generate."""
+    offload = zero3_parameter_offload(engine)
+    module = offload.module
+    for parameter in itertools.chain(module.parameters(), (p for _, p in module.ds_external_parameters())):
+        parameter.ds_active_sub_modules.clear()
+    for hook in offload.forward_hooks + offload.backward_hooks:
+        hook.remove()
+    offload.forward_hooks, offload.backward_hooks = [], []
+
+
+def add_zero3_hooks(engine) -> None:
+    """Put them back, as TRL's `add_hooks` does (DeepSpeed >= 0.16.4): the parameter coordinator's trace of the
+    training forward no longer holds after sampling's forwards, so it is invalidated first."""
+    offload = zero3_parameter_offload(engine)
+    coordinator = getattr(offload, "param_coordinator", None)  # ZeRO-3 only
+    if coordinator is not None and not coordinator.is_invalid_trace():
+        coordinator._invalidate_trace()
+    offload._register_deepspeed_module(offload.module)
+
+
 def require_training_extras() -> None:
     """Fail before anything loads, not after training, when the train extra is missing."""
     missing = [name for name in ("accelerate", "matplotlib") if importlib.util.find_spec(name) is None]
@@ -120,7 +148,9 @@ def require_training_extras() -> None:
 class Run:
     """One training run: see the module docstring for what it writes."""
 
-    def __init__(self, recipe: str, config: RunConfig):
+    def __init__(self, recipe: str, config: RunConfig, accumulation_steps: int = 1):
+        """`accumulation_steps`: the micro-steps of one optimizer step (GRPO's prompts_per_step, SFT's
+        gradient_accumulation); accelerate and DeepSpeed synchronise and step on the last of them only."""
         require_training_extras()
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs, set_seed
@@ -133,9 +163,16 @@ class Run:
         self.accelerator = Accelerator(
             cpu=config.device == "cpu",
             mixed_precision="bf16" if config.dtype == "bf16" else "no",
+            gradient_accumulation_steps=accumulation_steps,
             # Image steps leave the text head unused and reasoning steps the image head.
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
+        if self.accelerator.gradient_accumulation_steps != accumulation_steps:  # `accelerate launch` overrides it
+            raise ConfigError(
+                f"accelerate launch sets gradient_accumulation_steps = {self.accelerator.gradient_accumulation_steps}"
+                f", but this {recipe} run accumulates {accumulation_steps} micro-steps per optimizer step (its config"
+                " decides); leave gradient_accumulation_steps out of the accelerate config and command line."
+            )
         set_seed(config.seed)
         self.policy: Policy | None = None
         self.objective: torch.nn.Module | None = None
@@ -223,31 +260,48 @@ class Run:
 
     # -- the step -----------------------------------------------------------------------------------------------
 
+    @contextlib.contextmanager
     def micro_step(self, last: bool):
-        """Context for one forward and backward of a step's micro-batches: gradients synchronise on the last."""
-        return contextlib.nullcontext() if last else self.accelerator.no_sync(self.objective)
+        """Context for one forward and backward of a step's `accumulation_steps` micro-steps, in accelerate's own
+        accumulation: gradients synchronise, and DeepSpeed steps its engine, on the last only (`no_sync` alone
+        leaves DeepSpeed stepping at every backward)."""
+        with self.accelerator.accumulate(self.objective):
+            if self.accelerator.sync_gradients != last:
+                raise RuntimeError(f"an optimizer step must take exactly accumulation_steps = "
+                                   f"{self.accelerator.gradient_accumulation_steps} micro-steps")
+            yield
 
     @contextlib.contextmanager
     def generation_weights(self):
-        """Full weights on every process while sampling rollouts: FSDP and ZeRO-3 shard them between forwards."""
+        """Weights to sample with, gathered as TRL's GRPOTrainer gathers them for generate. FSDP: the root unit's
+        parameters only (all but the decoder layers), since the wrapped decoder layers gather theirs in their own
+        forward; a recursive summon would hold the whole model gathered, and torch does not support forwards inside
+        it. ZeRO-3: all of them, with the engine's per-module gather hooks off meanwhile, so that sampling's many
+        small forwards do not gather and release every layer again."""
         from accelerate.utils import DistributedType
 
         kind = self.accelerator.distributed_type
         if kind == DistributedType.FSDP:
             from torch.distributed.fsdp import FullyShardedDataParallel
 
-            with FullyShardedDataParallel.summon_full_params(self.objective, recurse=True, writeback=False):
+            with FullyShardedDataParallel.summon_full_params(self.objective, recurse=False, writeback=False):
                 yield
         elif kind == DistributedType.DEEPSPEED and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(list(self.objective.parameters()), modifier_rank=None):
-                yield
+                remove_zero3_hooks(self.objective)
+                try:
+                    yield
+                finally:
+                    add_zero3_hooks(self.objective)
         else:
             yield
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.accelerator.backward(loss)
+        """`loss` is this micro-step's share of the step's loss (the recipes divide by the micro-step count);
+        accelerate (DeepSpeed: its engine) divides by accumulation_steps again, so it is scaled back first."""
+        self.accelerator.backward(loss * self.accelerator.gradient_accumulation_steps)
 
     def optimizer_step(self) -> float:
         """Clip, step, schedule, zero; returns the gradient norm before clipping (0 when clipping is off)."""
@@ -272,12 +326,14 @@ class Run:
         return step % self.config.log_every == 0 or step in (1, self.config.steps)
 
     def samples_due(self, step: int) -> bool:
-        """Whether this process draws a sample grid now (only the main one writes them)."""
-        return self.is_main and bool(self.config.sample_every) and step % self.config.sample_every == 0
+        """Whether a sample grid is due: every process draws it (under FSDP and ZeRO-3 its forwards are
+        collectives), the main one writes it (`save_samples`)."""
+        return bool(self.config.sample_every) and step % self.config.sample_every == 0
 
     def save_samples(self, step: int, grid) -> None:
-        (self.output / "samples").mkdir(exist_ok=True)
-        grid.save(self.output / "samples" / f"step-{step:06d}.png")
+        if self.is_main:
+            (self.output / "samples").mkdir(exist_ok=True)
+            grid.save(self.output / "samples" / f"step-{step:06d}.png")
 
     def log(self, line: dict) -> None:
         if self.is_main:

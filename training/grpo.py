@@ -1,33 +1,42 @@
 """GRPO for X-CoT personalization: groups of complete rollouts (reasoning text, then image tokens) per prompt,
-group-normalised advantages, a PPO-clipped ratio over the sampled tokens and a k3 KL to a frozen reference.
+group-relative advantages, a PPO-clipped ratio over the sampled tokens and a k3 KL to a frozen reference.
 
 The policy is the distribution the sampler draws from (guided, tempered, truncated logits; `mmr1.sampling`), and
-old, new and reference log-probs all come from the same teacher-forced forward (`sequence_logprobs`), so the
-ratio and the KL are those of the policy that produced the samples. Each segment's loss is a per-sequence mean
-over its own tokens, so the image's tokens do not drown the reasoning's.
+new, old and reference log-probs all come from the same teacher-forced forward (`sequence_logits`), so the ratio
+is that of the policy that produced the samples. Each pass re-embeds the prompt (text embeddings, understanding
+aligner) from its token ids and the references' frozen SigLIP features, so those weights train too. Old log-probs
+are the first pass's own (`new.detach()`, as TRL does), so the ratio is exactly 1 there; the sampler's log-probs
+are only compared with them (`*_logprob_gap`). The reference's log-probs are computed once per rollout, by the
+reference alone (its own embeddings, aligner, decoder and heads), on the untruncated distributions. The loss's
+algebra and its options (TRL's names) are in `training.grpo_loss`.
 
     python -m training.grpo --config training/configs/grpo.toml
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from mmr1.generation import generation_sequence
-from mmr1.prompting import batch_prefix, build_sequence, embed_sequence
-from mmr1.sampling import Modality, SamplingSettings, sample_tokens, sequence_logprobs
+from mmr1.prompting import PromptSequence, batch_prefix, build_sequence, embed_sequence
+from mmr1.sampling import Modality, SamplingSettings, sample_tokens, sequence_logits, token_logprobs
 from mmr1.xcot import Grounding, extract_subject, parse_reasoning, reasoning_stop_tokens
 
 from .config import knob, recipe_main
 from .data import Record, RecordOrder, read_records
 from .engine import Run, RunConfig
+from .memory import device_memory, engine_kind, estimate_step_memory
+from .grpo_loss import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, SCALE_REWARDS, group_advantages, masked_mean, segment_loss
 from .plots import sample_grid
-from .policy import make_policy
-from .rewards import build_reward
+from .policy import Policy, make_policy
+from .rewards import build_rewards
 from .timing import PhaseClock
 
 SEGMENTS = ("image", "reasoning", "both", "alternate")
@@ -38,18 +47,27 @@ class GRPOConfig(RunConfig):
     data: Path = knob(None, "JSONL prompt records (references, prompt); see training/data.py")
     output_dir: Path = knob(Path("runs/grpo"), "checkpoints, metrics.jsonl, samples/ and curves.png go here")
     rewards: tuple[str, ...] = knob(("redness@1",), "rewards: 'redness@w', 'format@w' or 'kind=folder@w'")
-    prompts_per_step: int = knob(1, "prompt groups per optimizer step and process, each backpropagated on its own")
+    prompts_per_step: int = knob(1, "prompt groups per optimizer step and process (gradient accumulation steps)")
     num_generations: int = knob(8, "group size G: rollouts per prompt")
     segments: str = knob("both", "optimised segments: image, reasoning, both, or alternate every alternate_every steps")
     alternate_every: int = knob(10, "steps per segment when segments = alternate (SepGRPO)")
     num_iterations: int = knob(1, "mu: optimisation passes over each batch of rollouts")
-    epsilon: float = knob(0.2, "PPO clip range of the ratio")
-    beta: float = knob(0.01, "KL coefficient to the frozen reference policy (k3 estimator); 0 disables it")
-    cfg_scale: float = knob(5.0, "classifier-free guidance of the image rollouts")
-    temperature: float = knob(1.0, "image token temperature")
+    loss_type: str = knob("grpo", f"how per-token terms are averaged, one of {LOSS_TYPES} (see training/grpo_loss.py)")
+    scale_rewards: str = knob("group", f"advantage scaling, one of {SCALE_REWARDS}: the group's std, the step's std, "
+                                       "or none (Dr. GRPO)")
+    epsilon: float = knob(0.2, "lower clip range of the ratio (and the upper one unless epsilon_high is set)")
+    epsilon_high: float | None = knob(None, "upper clip range of the ratio (DAPO's clip-higher, e.g. 0.28); "
+                                            "unset: epsilon")
+    importance_sampling_level: str = knob("token", "'token' (a ratio per token) or 'sequence' (GSPO: one per "
+                                                   "sequence, from the mean token log-ratio)")
+    mask_truncated_completions: bool = knob(False, "leave rollouts whose reasoning hit max_reasoning_tokens out of "
+                                                   "the loss (both segments)")
+    beta: float = knob(0.01, "KL coefficient to the frozen reference policy (k3 estimator); 0 loads no reference")
+    cfg_scale: float = knob(5.0, "classifier-free guidance of the image rollouts (>= 1)")
+    temperature: float = knob(1.0, "image token temperature (> 0: rollouts must be sampled)")
     top_k: int = knob(0, "image top-k (0: off)")
-    top_p: float = knob(1.0, "image top-p (1: off)")
-    reasoning_temperature: float = knob(1.0, "reasoning temperature")
+    top_p: float = knob(1.0, "image top-p in (0, 1] (1: off)")
+    reasoning_temperature: float = knob(1.0, "reasoning temperature (> 0)")
     max_reasoning_tokens: int = knob(64, "reasoning length limit")
 
     def __post_init__(self) -> None:
@@ -58,10 +76,22 @@ class GRPOConfig(RunConfig):
         )
         if self.num_generations < 2:
             raise ValueError("config key 'num_generations' must be at least 2 (advantages are relative to the group)")
-        if self.segments not in SEGMENTS:
-            raise ValueError(f"config key 'segments' must be one of {SEGMENTS}")
-        if self.beta < 0 or self.epsilon <= 0:
-            raise ValueError("config keys 'beta' must be >= 0 and 'epsilon' > 0")
+        for name, options in (("segments", SEGMENTS), ("loss_type", LOSS_TYPES), ("scale_rewards", SCALE_REWARDS),
+                              ("importance_sampling_level", IMPORTANCE_SAMPLING_LEVELS)):
+            if getattr(self, name) not in options:
+                raise ValueError(f"config key {name!r} must be one of {options}, got {getattr(self, name)!r}")
+        checks = {
+            "beta": self.beta >= 0, "epsilon": self.epsilon > 0,
+            "epsilon_high": self.epsilon_high is None or self.epsilon_high > 0,
+            "cfg_scale": self.cfg_scale >= 1, "temperature": self.temperature > 0,
+            "reasoning_temperature": self.reasoning_temperature > 0, "top_k": self.top_k >= 0,
+            "top_p": 0 < self.top_p <= 1,
+        }
+        rules = {"beta": ">= 0", "cfg_scale": ">= 1 (1: no guidance)", "top_k": ">= 0 (0: off)", "top_p": "in (0, 1]"}
+        for name, holds in checks.items():
+            value = getattr(self, name)
+            if not holds or (value is not None and not math.isfinite(value)):
+                raise ValueError(f"config key {name!r} must be finite and {rules.get(name, '> 0')}, got {value!r}")
         if not self.rewards:
             raise ValueError("config key 'rewards' needs at least one reward")
 
@@ -73,6 +103,10 @@ class GRPOConfig(RunConfig):
     def reasoning_settings(self) -> SamplingSettings:
         return SamplingSettings(cfg_scale=1.0, temperature=self.reasoning_temperature)
 
+    @property
+    def clip_high(self) -> float:
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
     def segments_at(self, step: int) -> tuple[str, ...]:
         if self.segments == "both":
             return ("reasoning", "image")
@@ -83,61 +117,95 @@ class GRPOConfig(RunConfig):
 
 @dataclass
 class Segment:
-    """Sampled tokens of one segment with what is needed to score them again."""
+    """One segment's sampled tokens with what scoring them again needs: the prompt sequences of its rows (each
+    pass embeds them anew) and the log-probs fixed once per rollout."""
 
-    prefix: object  # BatchedPrefix
-    unconditional: object | None
+    sequences: list[PromptSequence]  # the conditional prompt of each row
     tokens: torch.Tensor  # [G, N]
-    mask: torch.Tensor  # [G, N] float, 1 on sampled tokens
-    old_logprobs: torch.Tensor  # [G, N]
-    modality: Modality
+    mask: torch.Tensor  # [G, N] float, 1 on the tokens that count
+    modality: str  # "image" or "text": which head and token embedding
     settings: SamplingSettings
+    max_tokens: int  # the segment's token limit (dr_grpo's normaliser)
+    sampler_logprobs: torch.Tensor  # [G, N] as the sampler reported them
+    old_logprobs: torch.Tensor | None = None  # [G, N] the first pass's own (before any update of this batch)
+    reference_logprobs: torch.Tensor | None = None  # [G, N] untruncated, under the reference (beta > 0)
 
 
 @dataclass
 class Group:
     segments: dict[str, Segment]
-    rewards: torch.Tensor  # [G] weighted total
-    components: dict[str, torch.Tensor]
-    advantages: torch.Tensor  # [G]
+    reference_features: torch.Tensor | None  # the references' SigLIP features, computed once for every row
+    rewards: torch.Tensor  # [G] weighted total; NaN where a reward failed
+    components: dict[str, torch.Tensor]  # [G] per reward
+    truncated: torch.Tensor  # [G] bool: the reasoning hit max_reasoning_tokens
     reasonings: list[str]
     images: torch.Tensor
+    advantages: torch.Tensor | None = None  # [G], set once the step's rewards are known on every process
 
 
-def rollout(mm, record: Record, config: GRPOConfig, reward_functions, seed: int,
-            clock: PhaseClock | None = None) -> Group:
-    """G complete X-CoT rollouts for one record: reasoning text, then image tokens conditioned on it; `clock`
-    times the sampling ("rollout") and the scoring ("reward")."""
+def modality(mm, name: str) -> Modality:
+    return Modality.image(mm) if name == "image" else Modality.text(mm)
+
+
+def segment_logits(mm, segment: Segment, features: torch.Tensor | None) -> torch.Tensor:
+    """`sequence_logits` of a segment's tokens under `mm` (the policy or the reference), whose own embeddings and
+    aligner embed the prompt; a sequence shared by several rows is embedded once."""
+    embedded: dict[int, torch.Tensor] = {}
+
+    def rows(unconditional: bool):
+        for sequence in segment.sequences:
+            key = id(sequence)
+            if key not in embedded:
+                embedded[key] = embed_sequence(mm, sequence, unconditional, reference_features=features)
+            yield embedded[key]
+
+    prefix = batch_prefix(mm, list(rows(False)))
+    unconditional = None
+    if segment.settings.guided:
+        embedded.clear()
+        unconditional = batch_prefix(mm, list(rows(True)))
+    return sequence_logits(mm, prefix, segment.tokens, modality(mm, segment.modality), segment.settings.guided,
+                           unconditional)
+
+
+def rollout(mm, record: Record, config: GRPOConfig, reward_functions, seeds: tuple[int, int],
+            clock: PhaseClock | None = None, synced: bool = False) -> Group:
+    """G complete X-CoT rollouts for one record: reasoning text (seeded by seeds[0]), then image tokens
+    conditioned on it (seeds[1]); `clock` times the sampling ("rollout") and the scoring ("reward"); `synced`
+    keeps the ranks of a distributed run stepping together until all have stopped."""
     g = config.num_generations
     clock = clock or PhaseClock(mm.device)
     references = record.load_references()
     with torch.no_grad(), clock("rollout"):
+        features = mm.understanding_features(references) if references else None
         grounding_sequence = build_sequence(mm, record.prompt, references, stage="ground")
-        text_prefix = batch_prefix(mm, [embed_sequence(mm, grounding_sequence)] * g)
+        text_prefix = batch_prefix(mm, [embed_sequence(mm, grounding_sequence, reference_features=features)] * g)
+        stops = reasoning_stop_tokens(mm)
         text = sample_tokens(
-            mm, text_prefix, Modality.text(mm), config.max_reasoning_tokens, config.reasoning_settings, seed,
-            stop_tokens=reasoning_stop_tokens(mm), pad_token=mm.tokens.pad, return_logprobs=True,
+            mm, text_prefix, Modality.text(mm), config.max_reasoning_tokens, config.reasoning_settings, seeds[0],
+            stop_tokens=stops, pad_token=mm.tokens.pad, return_logprobs=True, synced=synced,
         )
         steps = torch.arange(text.tokens.shape[1], device=text.tokens.device)
         text_mask = (steps.unsqueeze(0) < text.lengths.unsqueeze(1)).float()
+        last = text.tokens.gather(1, (text.lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+        truncated = ~torch.isin(last, torch.tensor(stops, device=last.device))
         reasonings = [
             mm.tokenizer.decode(row[: int(length)], skip_special_tokens=True).strip()
             for row, length in zip(text.tokens, text.lengths)
         ]
         subject_tokens = extract_subject(mm, references, config.subject_source)
-        conditional, unconditional = [], []
+        image_sequences = []
         for reasoning in reasonings:
             parsed = parse_reasoning(reasoning)
             grounding = Grounding(record.prompt, reasoning, parsed.subject, parsed.scene, parsed.format_ok,
                                   references, subject_tokens)
-            sequence = generation_sequence(mm, record.prompt, grounding)
-            conditional.append(embed_sequence(mm, sequence))
-            unconditional.append(embed_sequence(mm, sequence, unconditional=True))
+            image_sequences.append(generation_sequence(mm, record.prompt, grounding))
         settings = config.image_settings
-        image_prefix = batch_prefix(mm, conditional)
-        image_unconditional = batch_prefix(mm, unconditional) if settings.guided else None
+        image_prefix = batch_prefix(mm, [embed_sequence(mm, s, reference_features=features) for s in image_sequences])
+        image_unconditional = (batch_prefix(mm, [embed_sequence(mm, s, unconditional=True) for s in image_sequences])
+                               if settings.guided else None)
         image = sample_tokens(
-            mm, image_prefix, Modality.image(mm), mm.num_image_tokens, settings, seed + 1_000_003,
+            mm, image_prefix, Modality.image(mm), mm.num_image_tokens, settings, seeds[1],
             unconditional=image_unconditional, return_logprobs=True,
         )
         images = mm.decode_image_tokens(image.tokens)
@@ -148,63 +216,94 @@ def rollout(mm, record: Record, config: GRPOConfig, reward_functions, seed: int,
             scores = function(images, references, [record.prompt] * g, reasonings).float().cpu()
             components[name] = scores
             total += weight * scores
-    advantages = (total - total.mean()) / (total.std() + 1e-4)
+    image_mask = torch.ones_like(image.logprobs)
+    if config.mask_truncated_completions:
+        kept = (~truncated).float().unsqueeze(1)
+        text_mask, image_mask = text_mask * kept, image_mask * kept
     segments = {
-        "reasoning": Segment(text_prefix, None, text.tokens, text_mask, text.logprobs, Modality.text(mm),
-                             config.reasoning_settings),
-        "image": Segment(image_prefix, image_unconditional, image.tokens, torch.ones_like(image.logprobs),
-                         image.logprobs, Modality.image(mm), settings),
+        "reasoning": Segment([grounding_sequence] * g, text.tokens, text_mask, "text", config.reasoning_settings,
+                             config.max_reasoning_tokens, text.logprobs),
+        "image": Segment(image_sequences, image.tokens, image_mask, "image", settings, mm.num_image_tokens,
+                         image.logprobs),
     }
-    return Group(segments, total, components, advantages, reasonings, images)
+    return Group(segments, features, total, components, truncated.cpu(), reasonings, images)
 
 
-def segment_loss(new: torch.Tensor, old: torch.Tensor, reference: torch.Tensor | None, mask: torch.Tensor,
-                 advantages: torch.Tensor, epsilon: float, beta: float) -> tuple[torch.Tensor, dict]:
-    """PPO-clipped GRPO loss with the k3 KL, averaged per sequence over its tokens, then over the group."""
-    ratio = torch.exp(new - old)
-    unclipped = ratio * advantages.unsqueeze(1)
-    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * advantages.unsqueeze(1)
-    per_token = -torch.minimum(unclipped, clipped)
-    kl = torch.zeros_like(new)
-    if reference is not None:
-        kl = torch.exp(reference - new) - (reference - new) - 1
-        per_token = per_token + beta * kl
-    tokens = mask.sum(dim=1).clamp(min=1)
-    loss = ((per_token * mask).sum(dim=1) / tokens).mean()
-    with torch.no_grad():
-        stats = {
-            "kl": float(((kl * mask).sum(dim=1) / tokens).mean()),
-            "clip_fraction": float((((ratio - 1).abs() > epsilon).float() * mask).sum() / mask.sum().clamp(min=1)),
-        }
-    return loss, stats
+@torch.no_grad()
+def score_reference(policy: Policy, group: Group, names: tuple[str, ...]) -> None:
+    """The reference's log-probs of the optimised segments, once per rollout, on the untruncated distributions."""
+    with policy.reference() as reference:
+        for name in names:
+            segment = group.segments[name]
+            logits = segment_logits(reference, segment, group.reference_features)
+            segment.reference_logprobs = token_logprobs(logits, segment.tokens, segment.settings.untruncated)
 
 
-def rollout_seed(config: GRPOConfig, step: int, group: int) -> int:
-    """Seed of one group's rollouts: fixed by the run's seed, the step and the group's index over all processes,
-    so a resumed or re-sharded run samples the same rollouts."""
-    return config.seed * 1_000_003 + step * 1_009 + group * 101
+def rollout_seeds(config: GRPOConfig, step: int, group: int) -> tuple[int, int]:
+    """(reasoning, image) seeds of one group, hashed from the run's seed, the step and the group's index over all
+    processes, so a resumed or re-sharded run samples the same rollouts and no two groups share a stream (row i
+    of a group draws from seed + i, and the hashes are 62 bits apart on average)."""
+
+    def digest(stage: str) -> int:
+        key = f"{config.seed}/{step}/{group}/{stage}".encode()
+        return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 2
+
+    return digest("reasoning"), digest("image")
+
+
+def assign_advantages(groups: list[Group], run: Run, config: GRPOConfig) -> torch.Tensor:
+    """Advantages of this process's groups from the rewards of every process (scale_rewards 'batch' needs the
+    step's std); returns the gathered rewards [groups over all processes, G]."""
+    rewards = run.gather(torch.stack([group.rewards for group in groups]))
+    advantages = group_advantages(rewards, config.scale_rewards)
+    mine = advantages[run.process_index * len(groups):][: len(groups)]
+    for group, row in zip(groups, mine):
+        group.advantages = row
+    return rewards
+
+
+def tokens_per_group(groups: list[Group], run: Run, names: tuple[str, ...]) -> dict[str, float]:
+    """dapo's normaliser per segment: the step's masked tokens over all processes, per group."""
+    sums = torch.tensor([[sum(float(group.segments[name].mask.sum()) for group in groups) for name in names]])
+    totals = run.gather(sums).sum(dim=0) / (len(groups) * run.num_processes)
+    return {name: max(float(total), 1.0) for name, total in zip(names, totals)}
 
 
 def policy_loss(policy, group: Group, names: tuple[str, ...], config: GRPOConfig,
-                clock: PhaseClock | None = None) -> tuple[torch.Tensor, dict]:
+                normalisers: dict[str, float] | None = None, clock: PhaseClock | None = None
+                ) -> tuple[torch.Tensor, dict]:
     """The GRPO loss of one group over the optimised segments (the engine's forward); `clock` times the
     teacher-forced log-prob passes ("logprobs")."""
     loss, stats = 0.0, {}
     clock = clock or PhaseClock(policy.mm.device)
     for name in names:
         segment = group.segments[name]
-        scored = (segment.prefix, segment.tokens, segment.modality, segment.settings, segment.unconditional)
         with clock("logprobs"):
-            new = sequence_logprobs(policy.mm, *scored)
-            reference = None
+            logits = segment_logits(policy.mm, segment, group.reference_features)
+            new = token_logprobs(logits, segment.tokens, segment.settings)
+            kl_new = None
             if config.beta > 0:
-                with policy.reference() as frozen:
-                    reference = sequence_logprobs(frozen, *scored)
-        part, part_stats = segment_loss(new, segment.old_logprobs, reference, segment.mask,
-                                        group.advantages.to(new.device), config.epsilon, config.beta)
+                untruncated = segment.settings.untruncated
+                kl_new = new if untruncated == segment.settings else token_logprobs(logits, segment.tokens, untruncated)
+        if segment.old_logprobs is None:
+            segment.old_logprobs = new.detach()
+        part, part_stats = segment_loss(
+            new, segment.old_logprobs, segment.mask, group.advantages.to(new.device), config.epsilon,
+            config.clip_high, config.loss_type, config.importance_sampling_level, config.beta, kl_new,
+            segment.reference_logprobs, segment.max_tokens, (normalisers or {}).get(name),
+        )
+        part_stats["logprob_gap"] = masked_mean((segment.old_logprobs - segment.sampler_logprobs).abs(), segment.mask)
         loss = loss + part
         stats.update({f"{name}_{key}": value for key, value in part_stats.items()})
     return loss, stats
+
+
+def nan_group_mean(values: torch.Tensor) -> tuple[float, float]:
+    """(mean, mean within-group std) of [groups, G] values, leaving NaNs out."""
+    valid = ~torch.isnan(values)
+    mean = float(values[valid].mean()) if valid.any() else float("nan")
+    stds = [row[keep].std() for row, keep in zip(values, valid) if int(keep.sum()) > 1]
+    return mean, float(torch.stack(stds).mean()) if stds else float("nan")
 
 
 def train(config: GRPOConfig) -> Path:
@@ -214,12 +313,18 @@ def train(config: GRPOConfig) -> Path:
     from mmr1.loading import load_model
 
     records = read_records(config.data)
-    run = Run("grpo", config)
-    reward_functions = [build_reward(spec, device=str(run.device)) for spec in config.rewards]
-    mm = load_model(config.model, device=run.device)
-    policy = make_policy(mm, config.model, config.lora, with_reference=config.beta > 0)
+    run = Run("grpo", config, accumulation_steps=config.prompts_per_step)
+    reward_functions = build_rewards(config.rewards, device=str(run.device))
+    mm = load_model(config.model, dtype="fp32", device=run.device)  # fp32 master weights; bf16 is autocast
+    if run.is_main:  # before make_policy, which adds LoRA adapters to the model it counts
+        estimate = estimate_step_memory(mm, config, engine=engine_kind(run.accelerator), processes=run.num_processes,
+                                        references=max(len(record.references) for record in records))
+        print(estimate.report(device_memory(run.device)))
+    policy = make_policy(mm, config.model, config.lora, with_reference=config.beta > 0,
+                         reference_dtype=torch.bfloat16 if config.dtype == "bf16" else None)
     clock = PhaseClock(run.device)
-    objective = run.prepare(policy, lambda group, names: policy_loss(policy, group, names, config, clock))
+    normalisers: dict[str, float] = {}
+    objective = run.prepare(policy, lambda group, names: policy_loss(policy, group, names, config, normalisers, clock))
     order = RecordOrder(len(records), config.seed)
     start = run.resume(order)
     share = config.prompts_per_step
@@ -228,42 +333,56 @@ def train(config: GRPOConfig) -> Path:
             step_started = time.perf_counter()
             indices = order.take(share * run.num_processes)
             mine = range(run.process_index * share, (run.process_index + 1) * share)
+            names = config.segments_at(step)
             mm.model.eval()
             with run.generation_weights(), run.accelerator.autocast():
-                groups = [rollout(mm, records[indices[i]], config, reward_functions, rollout_seed(config, step, i), clock)
-                          for i in mine]
+                groups = [rollout(mm, records[indices[i]], config, reward_functions, rollout_seeds(config, step, i),
+                                  clock, synced=run.num_processes > 1) for i in mine]
+                if config.beta > 0:
+                    with clock("logprobs"):
+                        for group in groups:
+                            score_reference(policy, group, names)
             rollout_seconds = clock.seconds["rollout"]
             sampled = sum(int(g.segments["reasoning"].mask.sum()) + g.segments["image"].tokens.numel() for g in groups)
+            rewards = assign_advantages(groups, run, config)
+            normalisers.clear()
+            if config.loss_type == "dapo":
+                normalisers.update(tokens_per_group(groups, run, names))
             mm.model.train()
-            names = config.segments_at(step)
-            stats: dict[str, float] = {}
+            losses, stats = [], defaultdict(list)
             for _ in range(config.num_iterations):
-                losses = []
                 for index, group in enumerate(groups):
                     with run.micro_step(last=index == len(groups) - 1):
-                        loss, stats = objective(group, names)
+                        loss, group_stats = objective(group, names)
                         with clock("backward"):
                             run.backward(loss / len(groups))
                     losses.append(float(loss.detach()))
+                    for key, value in group_stats.items():
+                        stats[key].append(value)
                 with clock("optimizer"):
                     grad_norm = run.optimizer_step()
             phases, step_seconds = clock.reset(), time.perf_counter() - step_started
-            rewards = run.gather(torch.stack([group.rewards for group in groups]))
             components = {name: run.gather(torch.stack([group.components[name] for group in groups]))
                           for name in groups[0].components}
-            totals = run.gather(torch.tensor([[sum(losses) / len(losses), sampled, rollout_seconds]]))
+            local = [sum(losses) / len(losses), sampled, rollout_seconds,
+                     float(sum(int(group.truncated.sum()) for group in groups)),
+                     *(sum(values) / len(values) for values in stats.values())]
+            totals = run.gather(torch.tensor([local], dtype=torch.float64))
+            reward_mean, reward_std = nan_group_mean(rewards)
             bar.update(1)
-            bar.set_postfix(reward=f"{rewards.mean():.3f}")
+            bar.set_postfix(reward=f"{reward_mean:.3f}")
             if run.log_due(step):
-                line = {"step": step, "loss": float(totals[:, 0].mean()), "reward_mean": float(rewards.mean()),
-                        "reward_std": float(rewards.std(dim=1).mean()), "segments": list(names),
-                        "lr": run.learning_rate, "grad_norm": grad_norm,
+                line = {"step": step, "loss": float(totals[:, 0].mean()), "reward_mean": reward_mean,
+                        "reward_std": reward_std, "reward_nan": int(torch.isnan(rewards).sum()),
+                        "reasoning_truncated": float(totals[:, 3].sum()) / rewards.numel(),
+                        "segments": list(names), "lr": run.learning_rate, "grad_norm": grad_norm,
                         "rollout_tokens_per_s": round(float(totals[:, 1].sum() / totals[:, 2].max()), 1),
                         "step_seconds": round(step_seconds, 3),
-                        "samples_per_s": round(len(groups) * config.num_generations * run.num_processes / step_seconds, 3),
-                        **{f"seconds_{phase}": round(seconds, 3) for phase, seconds in phases.items()}, **stats}
+                        "samples_per_s": round(rewards.numel() / step_seconds, 3),
+                        **{f"seconds_{phase}": round(seconds, 3) for phase, seconds in phases.items()},
+                        **{key: float(totals[:, 4 + k].mean()) for k, key in enumerate(stats)}}
                 for name, values in components.items():
-                    line[f"{name}_mean"], line[f"{name}_std"] = float(values.mean()), float(values.std(dim=1).mean())
+                    line[f"{name}_mean"], line[f"{name}_std"] = nan_group_mean(values)
                 run.log(line)
             if run.samples_due(step):
                 captions = [f"{float(value):.3f}" for value in groups[0].rewards]

@@ -68,13 +68,34 @@ class Policy:
         write_training_record(folder, record)
 
 
-def make_policy(mm: MMR1Model, base: Path, lora: LoraSettings | None, with_reference: bool) -> Policy:
+def frozen_modules(mm: MMR1Model) -> tuple[torch.nn.Module, ...]:
+    """What never trains: the understanding vision tower and the VQ tokenizer."""
+    return mm.model.model.vision_model, mm.model.model.vqmodel
+
+
+def frozen_reference(mm: MMR1Model, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A frozen copy of the trainable part of `mm.model` for the KL, in `dtype` when given (bf16 halves it).
+
+    The vision tower and the VQ are left out (identities stand in their place): they never train, and the
+    reference reads the references' SigLIP features that the policy computed, so copying them would only cost
+    memory (and, under a sharding engine, a second shard of the same weights).
+    """
+    reference = copy.deepcopy(mm.model, memo={id(module): torch.nn.Identity() for module in frozen_modules(mm)})
+    for parameter in reference.parameters():
+        parameter.requires_grad_(False)
+        if dtype is not None:  # parameters only: buffers such as the rotary frequencies stay fp32
+            parameter.data = parameter.data.to(dtype)
+    return reference.eval()
+
+
+def make_policy(mm: MMR1Model, base: Path, lora: LoraSettings | None, with_reference: bool,
+                reference_dtype: torch.dtype | None = None) -> Policy:
     """Mark the trainable weights (full or LoRA) and keep what the KL's reference needs."""
     for parameter in mm.model.parameters():
         parameter.requires_grad_(False)
     if lora is None:
-        reference = copy.deepcopy(mm.model).eval() if with_reference else None
-        frozen = {id(p) for module in (mm.model.model.vision_model, mm.model.model.vqmodel) for p in module.parameters()}
+        reference = frozen_reference(mm, reference_dtype) if with_reference else None
+        frozen = {id(p) for module in frozen_modules(mm) for p in module.parameters()}
         for parameter in mm.model.parameters():
             parameter.requires_grad_(id(parameter) not in frozen)
         return Policy(mm, Path(base), reference_model=reference)

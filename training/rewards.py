@@ -52,3 +52,14 @@ def build_reward(spec: str, device: str = "cpu") -> tuple[str, RewardFunction, f
         return model.score(image_batch_to_pils(images), references or None, prompts)
 
     return kind, score, weight
+
+
+def build_rewards(specs: tuple[str, ...] | list[str], device: str = "cpu") -> list[tuple[str, RewardFunction, float]]:
+    """`build_reward` for each spec; a kind given twice (two CLIP folders, say) keeps its own metrics as
+    kind, kind_2, ..."""
+    rewards, seen = [], {}
+    for spec in specs:
+        name, function, weight = build_reward(spec, device)
+        seen[name] = seen.get(name, 0) + 1
+        rewards.append((name if seen[name] == 1 else f"{name}_{seen[name]}", function, weight))
+    return rewards

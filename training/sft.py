@@ -130,15 +130,17 @@ SAMPLED_RECORDS = 4
 
 
 @torch.no_grad()
-def sample_records(mm, records: list[Record], config: SFTConfig) -> Image.Image:
-    """The model's own X-CoT on the first records (its reasoning, then the image), as a grid for samples/."""
+def sample_records(mm, records: list[Record], config: SFTConfig, synced: bool = False) -> Image.Image:
+    """The model's own X-CoT on the first records (its reasoning, then the image), as a grid for samples/.
+
+    Every process draws it; `synced` keeps their forwards in step where reasoning stops early (sample_tokens)."""
     training = mm.model.training
     mm.model.eval()
     images = []
     for record in records[:SAMPLED_RECORDS]:
         grounding = ground(mm, record.load_references(), record.prompt, max_new_tokens=64, seed=config.seed,
-                           subject_source=config.subject_source)
-        images.append(generate(mm, record.prompt, grounding, seed=config.seed).images[0])
+                           subject_source=config.subject_source, synced=synced)
+        images.append(generate(mm, record.prompt, grounding, seed=config.seed, synced=synced).images[0])
     mm.model.train(training)
     return sample_grid(torch.stack(images), [record.id for record in records[:SAMPLED_RECORDS]])
 
@@ -150,8 +152,8 @@ def train(config: SFTConfig) -> Path:
     from mmr1.loading import load_model
 
     records = read_records(config.data, require=("target", "reasoning"))
-    run = Run("sft", config)
-    mm = load_model(config.model, device=run.device)
+    run = Run("sft", config, accumulation_steps=config.gradient_accumulation)
+    mm = load_model(config.model, dtype="fp32", device=run.device)  # fp32 master weights; bf16 is autocast
     examples = [prepare_example(mm, record, config.subject_source) for record in records]
     policy = make_policy(mm, config.model, config.lora, with_reference=False)
     objective = run.prepare(policy, lambda batch, unconditional, no_reasoning: sft_loss(
@@ -182,7 +184,9 @@ def train(config: SFTConfig) -> Path:
                          "image_loss": float(totals[2]), "lr": run.learning_rate, "grad_norm": grad_norm,
                          "seconds": round(time.perf_counter() - started, 3)})
             if run.samples_due(step):
-                run.save_samples(step, sample_records(mm, records, config))
+                with run.generation_weights():
+                    grid = sample_records(mm, records, config, synced=run.num_processes > 1)
+                run.save_samples(step, grid)
             run.end_of_step(step, order)
     return run.finish(("loss", "text_loss", "image_loss"))
 

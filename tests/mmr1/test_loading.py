@@ -47,8 +47,12 @@ def test_deepseek_and_hf_layouts_give_identical_logits(tiny_model, tiny_deepseek
     deepseek = load_model(tiny_deepseek_dir, dtype="fp32", device="cpu")
     assert deepseek.layout == "deepseek"
     assert deepseek.tokens == tiny_model.tokens
+    ours, theirs = deepseek.model.state_dict(), tiny_model.model.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[name], theirs[name]) for name in ours)
+    # The same weights; the kernels may still round the last bit differently (measured on an AMD EPYC: 1.2e-7
+    # on the image logits), as the two layouts' tensors sit at other addresses.
     for ours, theirs in zip(full_forward(deepseek), full_forward(tiny_model)):
-        assert torch.equal(ours, theirs)
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
 
 
 def test_deepseek_layout_from_safetensors_shards(tiny_model, tiny_deepseek_dir, tmp_path):

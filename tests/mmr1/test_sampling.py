@@ -186,3 +186,41 @@ def test_guided_sampling_needs_the_unconditional_prefix(tiny_model):
     conditional, _ = prefixes(tiny_model)
     with pytest.raises(ValueError):
         sample_tokens(tiny_model, conditional, Modality.image(tiny_model), 4, SamplingSettings(), 0)
+
+
+@pytest.mark.parametrize("other_stops_after, forwards", [(8, 8), (None, 12)], ids=["other-stops", "other-runs-on"])
+def test_synced_sampling_steps_on_while_another_process_runs(tiny_model, monkeypatch, other_stops_after, forwards):
+    """This process's rows stop after 3 tokens; the other process (an all_reduce stand-in) still runs: synced,
+    this one keeps stepping until the other stops, never past num_tokens, and returns its unsynced result."""
+    mm = tiny_model
+    calls = {"head": 0, "all_reduce": 0}
+
+    def head(hidden):
+        calls["head"] += 1
+        logits = torch.full((hidden.shape[0], mm.model.config.text_config.vocab_size), -30.0)
+        logits[:, 100 + calls["head"]] = 0.0
+        if calls["head"] >= 3:
+            logits[:, mm.tokens.eos] = 30.0
+        return logits
+
+    def all_reduce(flag, op):
+        calls["all_reduce"] += 1
+        other_running = other_stops_after is None or calls["all_reduce"] < other_stops_after
+        flag.fill_(max(int(flag), int(other_running)))
+
+    def sample(synced):
+        calls.update(head=0, all_reduce=0)
+        sampled = sample_tokens(
+            mm, prefixes(mm, rows=2)[0], Modality(head, mm.embed_text), 12, SamplingSettings(cfg_scale=1.0), 0,
+            stop_tokens=(mm.tokens.eos,), pad_token=mm.tokens.pad, return_logprobs=True, synced=synced,
+        )
+        return sampled, calls["head"]
+
+    unsynced, unsynced_forwards = sample(synced=False)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    synced, synced_forwards = sample(synced=True)
+    assert (unsynced_forwards, synced_forwards) == (3, forwards)
+    assert unsynced.tokens.shape == (2, 3) and unsynced.lengths.tolist() == [3, 3]
+    assert torch.equal(synced.tokens, unsynced.tokens) and torch.equal(synced.lengths, unsynced.lengths)
+    assert torch.equal(synced.logprobs, unsynced.logprobs)
