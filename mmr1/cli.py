@@ -8,7 +8,7 @@ from pathlib import Path
 from .embedded import MODEL_NAME
 from .errors import InputError, report_user_errors
 
-DEMO_CFG = 3.0  # what the embedded model was evaluated with (training/evaluate.py)
+DEMO_CFG = 3.0  # what the embedded model was evaluated with (training/world/evaluate.py)
 DEFAULTS = {"cfg": 5.0, "temperature": 1.0, "ground_temperature": 0.7, "ground_top_p": 0.95, "max_new_tokens": 256}
 
 

@@ -1,8 +1,9 @@
-"""The embedded model: a tiny Janus trained by training/embedded.py on the procedural subject world, shipped in
-the package (mmr1/assets/) so that the CLI, the nodes and the workflows run out of the box without downloads.
+"""The embedded model: a tiny Janus trained by training/world/pipeline.py on the procedural subject world,
+shipped in the package (mmr1/assets/) so that the CLI, the nodes and the workflows run out of the box without
+downloads.
 
 It draws toy subjects (a red heart with blue stripes...) in small scenes, not photos: it is a demonstration and a
-test bed whose quality is measured (training/evaluate.py), not a replacement for Janus-Pro.
+test bed whose quality is measured (training/world/evaluate.py), not a replacement for Janus-Pro.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def embedded_path(name: str = MODEL_NAME) -> Path:
     if not (folder / "config.json").is_file():
         raise InputError(
             f"The embedded model {name!r} is missing from {folder} (a source checkout without its assets?). "
-            "Rebuild it with: python -m training.embedded --config training/configs/world/pipeline.toml --install"
+            "Rebuild it with: python -m training.world.pipeline --install"
         )
     return folder
 

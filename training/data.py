@@ -1,4 +1,4 @@
-"""Training data: one JSONL format for SFT and GRPO, its loader, and a DreamBench converter.
+"""Training data: one JSONL format for SFT and GRPO, its loader and checker, and the order a run visits records in.
 
 Format: UTF-8 text, one JSON object per line (blank lines are skipped), for example
 
@@ -20,8 +20,7 @@ Relative paths resolve against the JSONL file's folder, so a dataset moves with 
 an error rather than ignored, so a typo ("refrences") cannot silently drop data. Every image file must exist
 when the file is read: a training run should fail at start, not hours in.
 
-CLI:
-    python -m training.data dreambench ROOT OUT.jsonl [--references N] [--unique-token sks] [--subjects a,b] [--seed S]
+CLI (DreamBench's folder becomes records with `python -m training.dreambench records`):
     python -m training.data check FILE.jsonl [--require target,reasoning]
 """
 
@@ -31,7 +30,6 @@ import argparse
 import json
 import os
 import random
-import re
 import sys
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -46,14 +44,10 @@ from mmr1.xcot import prepare_references
 
 KEYS = ("references", "masks", "prompt", "target", "reasoning", "subject", "id")  # also the order files use
 REQUIRABLE = ("masks", "target", "reasoning", "subject")
-# DreamBench's "live subject" prompts (outfits, hats) suit animals; its table has no other column saying which.
-LIVE_CLASSES = frozenset({"cat", "dog"})
-DREAMBENCH_PROMPTS_FILE = "prompts_and_classes.txt"
-PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
 _LISTED = 20  # longest list of lines or files an error message spells out
 
 
-def _absolute(path: str | Path) -> Path:
+def absolute_path(path: str | Path) -> Path:
     """Absolute and normalised ("a/../b" -> "b") without following symlinks, so links inside a dataset stay inside."""
     return Path(os.path.abspath(path))
 
@@ -112,10 +106,10 @@ class Record:
 
     def to_json(self, base: Path) -> dict:
         """The JSONL object: paths inside `base` relative to it (the dataset can move), others absolute."""
-        base = _absolute(base)
+        base = absolute_path(base)
 
         def relative(path: Path) -> str:
-            path = _absolute(path)
+            path = absolute_path(path)
             return path.relative_to(base).as_posix() if path.is_relative_to(base) else str(path)
 
         values = {
@@ -169,7 +163,7 @@ def _parse_line(values: object, line: int, folder: Path) -> Record:
             (isinstance(item, str) and item.strip()) or (nullable and item is None) for item in items
         ):
             raise InputError(f"{key!r} must be a list of {'paths or nulls' if nullable else 'paths'}.")
-        return tuple(None if item is None else _absolute(folder / item) for item in items)
+        return tuple(None if item is None else absolute_path(folder / item) for item in items)
 
     target = text("target")
     return Record(
@@ -177,7 +171,7 @@ def _parse_line(values: object, line: int, folder: Path) -> Record:
         references=paths("references", nullable=False),
         prompt=values["prompt"],
         masks=None if values.get("masks") is None else paths("masks", nullable=True),
-        target=None if target is None else _absolute(folder / target),
+        target=None if target is None else absolute_path(folder / target),
         reasoning=text("reasoning"),
         subject=text("subject"),
     )
@@ -185,7 +179,7 @@ def _parse_line(values: object, line: int, folder: Path) -> Record:
 
 def read_records(path: str | Path, require: Sequence[str] = ()) -> list[Record]:
     """Every record of a JSONL file, checked: each `require`d key present and every named image on disk."""
-    path = _absolute(path)
+    path = absolute_path(path)
     unknown = [key for key in require if key not in REQUIRABLE]
     if unknown:
         raise InputError(f"Cannot require {unknown[0]!r}; choose from {', '.join(REQUIRABLE)}.")
@@ -230,7 +224,7 @@ def read_records(path: str | Path, require: Sequence[str] = ()) -> list[Record]:
 
 def write_records(path: str | Path, records: Iterable[Record]) -> None:
     """Write a JSONL file atomically (temp file + os.replace), so an interrupted run never leaves half a dataset."""
-    path = _absolute(path)
+    path = absolute_path(path)
     text = "".join(json.dumps(record.to_json(path.parent), ensure_ascii=False) + "\n" for record in records)
     temporary: Path | None = None
     try:
@@ -278,117 +272,22 @@ class RecordOrder:
         self.epoch, self.position = state["epoch"], state["position"]
 
 
-def _dreambench_tables(prompts_file: Path) -> tuple[dict[str, str], list[str], list[str]]:
-    """(subject -> class word, object prompt templates, live prompt templates) from prompts_and_classes.txt."""
-    try:
-        text = prompts_file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise InputError(f"Cannot read the DreamBench prompt list {prompts_file}: {error}") from error
-    header = re.search(r"^\s*subject_name\s*,\s*class\s*$", text, flags=re.MULTILINE)
-    object_heading = re.search(r"^\s*Object Prompts\s*$", text, flags=re.MULTILINE)
-    live_heading = re.search(r"^\s*Live Subject Prompts\s*$", text, flags=re.MULTILINE)
-    for found, name in ((header, "the 'subject_name,class' table"), (object_heading, "the 'Object Prompts' section"),
-                        (live_heading, "the 'Live Subject Prompts' section")):
-        if found is None:
-            raise InputError(f"{prompts_file} lacks {name}; is it DreamBench's prompts_and_classes.txt?")
-
-    classes = {}
-    for row in text[header.end():].strip().splitlines():
-        match = re.fullmatch(r"\s*([\w\-]+)\s*,\s*([^,]+?)\s*", row)
-        if match is None:
-            break
-        classes[match.group(1)] = match.group(2)
-    template = re.compile(r"""(['"])(.*?)\1\s*\.format\(\s*unique_token\s*,\s*class_token\s*\)""")
-    object_prompts = [match.group(2) for match in template.finditer(text, object_heading.end(), live_heading.start())]
-    live_prompts = [match.group(2) for match in template.finditer(text, live_heading.end())]
-    for found, name in ((classes, "subject_name,class rows"), (object_prompts, "object prompts"),
-                        (live_prompts, "live subject prompts")):
-        if not found:
-            raise InputError(f"{prompts_file} lists no {name}.")
-    return classes, object_prompts, live_prompts
-
-
-def dreambench_photos(root: str | Path, subject: str) -> list[Path]:
-    """The subject's photos in name order: the references drawn from, and the real images metrics compare with."""
-    return sorted(path for path in (_absolute(root) / subject).glob("*") if path.suffix.lower() in PHOTO_SUFFIXES)
-
-
-def dreambench_records(
-    root: str | Path,
-    references_per_record: int = 3,
-    unique_token: str = "",
-    seed: int = 0,
-    subjects: Sequence[str] | None = None,
-) -> list[Record]:
-    """GRPO prompt records (no target) for every DreamBench subject x its prompt list.
-
-    Live subjects (class cat or dog) get the live prompts, others the object prompts. Each record's references are
-    drawn by (seed, subject, prompt index) alone, so a subset run picks the same photos as the full one.
-    """
-    root = _absolute(root)
-    if references_per_record < 1:
-        raise InputError(f"references per record must be at least 1, got {references_per_record}.")
-    classes, object_prompts, live_prompts = _dreambench_tables(root / DREAMBENCH_PROMPTS_FILE)
-    if subjects is not None:
-        unknown = [name for name in subjects if name not in classes]
-        if unknown:
-            raise InputError(f"Unknown DreamBench subjects {', '.join(unknown)}; known: {', '.join(classes)}.")
-    chosen = [name for name in classes if subjects is None or name in subjects]
-
-    photos = {name: dreambench_photos(root, name) for name in chosen}
-    too_few = [f"{name} ({len(found)})" for name, found in photos.items() if len(found) < references_per_record]
-    if too_few:
-        raise InputError(
-            f"{references_per_record} references per record, but these subjects of {root} have fewer photos: "
-            f"{', '.join(too_few)}."
-        )
-    records = []
-    for name in chosen:
-        class_word = classes[name]
-        templates = live_prompts if class_word in LIVE_CLASSES else object_prompts
-        for index, template in enumerate(templates):
-            rng = random.Random(f"{seed}:{name}:{index}")
-            records.append(
-                Record(
-                    id=f"{name}-{index:02d}",
-                    references=tuple(rng.sample(photos[name], references_per_record)),
-                    prompt=" ".join(template.format(unique_token.strip(), class_word).split()),
-                    subject=class_word,
-                )
-            )
-    return records
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training.data", description="Build and check training JSONL.")
+    parser = argparse.ArgumentParser(prog="python -m training.data", description="Check training JSONL.")
     commands = parser.add_subparsers(dest="command", required=True)
-    dreambench = commands.add_parser("dreambench", help="GRPO prompt records from a DreamBench folder")
-    dreambench.add_argument("root", type=Path, help="folder with <subject>/*.jpg and prompts_and_classes.txt")
-    dreambench.add_argument("out", type=Path, help="JSONL file to write (paths relative to its folder when inside it)")
-    dreambench.add_argument("--references", type=int, default=3, help="reference photos per record (default 3)")
-    dreambench.add_argument("--unique-token", default="", help="rare token before the class word, e.g. sks")
-    dreambench.add_argument("--subjects", default=None, help="comma-separated subset, e.g. dog,backpack")
-    dreambench.add_argument("--seed", type=int, default=0, help="seed of the reference choice (default 0)")
     check = commands.add_parser("check", help="validate a JSONL file and summarise it")
     check.add_argument("file", type=Path)
     check.add_argument("--require", default="", help=f"comma-separated keys every record needs: {','.join(REQUIRABLE)}")
     return parser
 
 
-def _names(text: str | None) -> list[str] | None:
+def split_names(text: str | None) -> list[str] | None:
+    """Comma-separated names from the command line as a list (None stays None)."""
     return None if text is None else [name.strip() for name in text.split(",") if name.strip()]
 
 
-def _dreambench_command(args: argparse.Namespace) -> int:
-    records = dreambench_records(args.root, args.references, args.unique_token, args.seed, _names(args.subjects))
-    write_records(args.out, records)
-    subjects = {record.id.rsplit("-", 1)[0] for record in records}
-    print(f"wrote {len(records)} records ({len(subjects)} subjects) to {args.out}")
-    return 0
-
-
 def _check_command(args: argparse.Namespace) -> int:
-    records = read_records(args.file, _names(args.require))
+    records = read_records(args.file, split_names(args.require))
     counts = {key: sum(getattr(record, key) is not None for record in records) for key in REQUIRABLE}
     per_record = [len(record.references) for record in records]
     print(
@@ -398,7 +297,7 @@ def _check_command(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"dreambench": _dreambench_command, "check": _check_command}
+_COMMANDS = {"check": _check_command}
 
 
 def main(argv: list[str] | None = None) -> int:

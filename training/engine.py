@@ -18,6 +18,7 @@ is the same as a run that was never interrupted.
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import itertools
 import json
@@ -34,6 +35,7 @@ from mmr1.errors import MMR1Error
 from .checkpoints import publish, remove_leftovers, retire, temporary_name
 from .config import ConfigError, config_to_dict, knob
 from .data import RecordOrder
+from .memory import engine_kind
 from .plots import plot_curves
 from .policy import LORA_TARGETS, LoraSettings, Policy
 
@@ -164,8 +166,9 @@ class Run:
             cpu=config.device == "cpu",
             mixed_precision="bf16" if config.dtype == "bf16" else "no",
             gradient_accumulation_steps=accumulation_steps,
-            # Image steps leave the text head unused and reasoning steps the image head.
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+            # Image steps leave the text head unused and reasoning steps the image head. Gradients as views of
+            # the reducer's buckets: otherwise DDP keeps a second full copy of them (26 GiB at 7B in fp32).
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True, gradient_as_bucket_view=True)],
         )
         if self.accelerator.gradient_accumulation_steps != accumulation_steps:  # `accelerate launch` overrides it
             raise ConfigError(
@@ -225,10 +228,67 @@ class Run:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: min(1.0, (step + 1) / max(config.warmup_steps, 1))
         )
+        if engine_kind(self.accelerator).startswith("zero"):
+            plugin = self.accelerator.state.deepspeed_plugin
+            if plugin.is_auto("train_micro_batch_size_per_gpu"):
+                # accelerate takes "auto" from a dataloader, and the recipes pass none: a micro-step is one group
+                # (GRPO) or one batch (SFT).
+                plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 1
         self.objective, self.optimizer = self.accelerator.prepare(Objective(policy.mm.model, loss), optimizer)
         self.accelerator.register_for_checkpointing(self.scheduler)
         self.parameters = parameters
         return self.objective
+
+    def prepare_reference(self, module: torch.nn.Module) -> torch.nn.Module:
+        """The frozen KL reference laid out as TRL's GRPOTrainer lays out its ref_model, so that a sharding engine
+        shards it too: FSDP wraps it as it wraps the policy (TRL's prepare_fsdp); ZeRO-3 shards it with buckets
+        sized from the hidden size, other DeepSpeed stages keep a replicated stage-0 copy (prepare_deepspeed);
+        DDP and one process keep it as it is. Called after `prepare`, whose processed DeepSpeed config it copies;
+        the policy then opens it through `reference_weights`."""
+        if self.policy is None:
+            raise RuntimeError("prepare the policy before its reference: the reference copies the engine's set-up")
+        kind = engine_kind(self.accelerator)
+        if kind == "fsdp":
+            module = self._fsdp_reference(module)
+        elif kind.startswith("zero"):
+            module = self._deepspeed_reference(module)
+        else:
+            module = module.to(self.device)
+        self.policy.open_reference = self.reference_weights
+        return module.eval()
+
+    def _fsdp_reference(self, module: torch.nn.Module) -> torch.nn.Module:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        plugin = self.accelerator.state.fsdp_plugin
+        if plugin.fsdp_version != 1:
+            raise ConfigError("FSDP runs take fsdp_version: 1 (training/configs/accelerate/fsdp.yaml): sampling and "
+                              "the reference gather FSDP 1's root unit.")
+        plugin.set_auto_wrap_policy(module)  # the decoder layers become units, as in the policy
+        return FullyShardedDataParallel(
+            module, sharding_strategy=plugin.sharding_strategy or plugin.reshard_after_forward,
+            cpu_offload=plugin.cpu_offload, auto_wrap_policy=plugin.auto_wrap_policy,
+            mixed_precision=plugin.mixed_precision_policy, sync_module_states=plugin.sync_module_states,
+            backward_prefetch=plugin.backward_prefetch, forward_prefetch=plugin.forward_prefetch,
+            use_orig_params=plugin.use_orig_params, param_init_fn=plugin.param_init_fn,
+            ignored_modules=plugin.ignored_modules, limit_all_gathers=plugin.limit_all_gathers, device_id=self.device,
+        )
+
+    def _deepspeed_reference(self, module: torch.nn.Module) -> torch.nn.Module:
+        """TRL's bucket settings go into zero_optimization itself (TRL writes them as top-level dotted keys, which
+        DeepSpeed does not read), from the language model's hidden size (JanusConfig has no top-level one)."""
+        import deepspeed
+
+        config = copy.deepcopy(self.accelerator.state.deepspeed_plugin.deepspeed_config)
+        zero = config["zero_optimization"]
+        if zero["stage"] == 3:
+            hidden = module.config.text_config.hidden_size
+            zero.update(reduce_bucket_size=hidden * hidden, stage3_param_persistence_threshold=10 * hidden,
+                        stage3_prefetch_bucket_size=int(0.9 * hidden * hidden))
+        else:
+            zero["stage"] = 0
+        engine, *_ = deepspeed.initialize(model=module, config=config)
+        return engine
 
     def resume(self, order: RecordOrder) -> int:
         """Restore the newest checkpoint (engine state, data position) when there is one; returns its step."""
@@ -297,6 +357,27 @@ class Run:
                     add_zero3_hooks(self.objective)
         else:
             yield
+
+    @contextlib.contextmanager
+    def reference_weights(self, reference: torch.nn.Module):
+        """The bare model of `reference` (as `prepare_reference` made it), usable inside the block by its inner
+        modules: scoring calls the embeddings, aligner, decoder and heads, never the root forward that FSDP and
+        DeepSpeed gather around. FSDP: the root unit's parameters gathered, as in `generation_weights` (the
+        decoder layers gather theirs in their forwards). DeepSpeed: the engine's module; under ZeRO-3 its hooks
+        gather each submodule around its forward, and each block counts as one forward of its trace (reset as
+        its start-of-forward hook would, which the inner calls never run)."""
+        kind = engine_kind(self.accelerator)
+        if kind == "fsdp":
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            with FullyShardedDataParallel.summon_full_params(reference, recurse=False, writeback=False):
+                yield reference.module
+        elif kind.startswith("zero"):
+            if kind == "zero3":
+                zero3_parameter_offload(reference).param_coordinator.reset_step()
+            yield reference.module
+        else:
+            yield reference
 
     def backward(self, loss: torch.Tensor) -> None:
         """`loss` is this micro-step's share of the step's loss (the recipes divide by the micro-step count);

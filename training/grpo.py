@@ -325,6 +325,8 @@ def train(config: GRPOConfig) -> Path:
     clock = PhaseClock(run.device)
     normalisers: dict[str, float] = {}
     objective = run.prepare(policy, lambda group, names: policy_loss(policy, group, names, config, normalisers, clock))
+    if policy.reference_model is not None:
+        policy.reference_model = run.prepare_reference(policy.reference_model)
     order = RecordOrder(len(records), config.seed)
     start = run.resume(order)
     share = config.prompts_per_step

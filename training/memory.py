@@ -3,16 +3,20 @@ at start instead of running out of memory minutes in.
 
 This is an estimate, not a measurement. The parameter counts are exact (they are read from the model's own
 modules); everything else follows from the formulas below. Not counted: the CUDA context (about 0.5 GiB),
-allocator fragmentation, communication buckets, the layers ZeRO-3 and FSDP gather one at a time during the loss,
-the embeddings' and aligners' activations (a few R·N·h), and transient buffers in backward.
+allocator fragmentation, communication buckets, the layers ZeRO-3 and FSDP gather one at a time during the loss
+and while the reference scores, the reference's root unit FSDP gathers meanwhile (its embeddings, heads and
+aligners: 1.8 GiB at 7B in bf16, less than the KV cache the rollout has freed by then), the embeddings' and
+aligners' activations (a few R·N·h), and transient buffers in backward.
 
 Per process, in bytes (P: every parameter, T: the trainable ones, n: processes):
 
     weights      P · w        w = 4 (fp32 master weights); 2 under DeepSpeed with bf16, whose engine casts the module
-    gradients    T · w        twice under DDP: its reducer keeps a flat copy of every gradient
+    gradients    T · w        DDP's are views of its reducer's buckets (gradient_as_bucket_view), except with
+                 prompts_per_step > 1: zero_grad(set_to_none) leaves none to accumulate into, so the first
+                 micro-steps accumulate apart from the buckets until the last backward copies them in (twice)
     optimizer    T · 8        AdamW's two fp32 states; DeepSpeed keeps an fp32 master copy too (12)
-    reference    the frozen KL reference: P minus the shared vision tower and VQ, in 2 bytes (bf16) or 4; none
-                 with beta = 0 or LoRA (its reference is the same model with the adapters off)
+    reference    the frozen KL reference: P minus the vision tower and VQ it does without, in 2 bytes (bf16) or 4;
+                 none with beta = 0 or LoRA (its reference is the same model with the adapters off)
     autocast     2 · the trainable weights of every Linear outside the two heads, under bf16 autocast over fp32
                  weights (single, DDP): autocast keeps a bf16 copy of each for as long as its region lasts (the
                  whole rollout; the loss's forward, and through backward without checkpointing)
@@ -20,10 +24,10 @@ Per process, in bytes (P: every parameter, T: the trainable ones, n: processes):
     rollout      the sampler's KV cache for its longest stage, plus the full weights that ZeRO-3 and FSDP gather
                  for sampling
 
-ZeRO-1 divides the optimizer by n, ZeRO-2 the gradients too, and ZeRO-3 and FSDP (full shard) the weights as well.
-The reference is replicated on every process. The peak is weights + optimizer + reference + autocast
-+ max(gradients + activations, rollout): the rollout samples while the gradients are freed, and the loss comes
-after it.
+ZeRO-1 divides the optimizer by n, ZeRO-2 the gradients too, and ZeRO-3 and FSDP (full shard) the weights and the
+reference as well (`Run.prepare_reference` shards it as TRL does); elsewhere the reference is replicated on every
+process. The peak is weights + optimizer + reference + autocast + max(gradients + activations, rollout): the
+rollout samples while the gradients are freed, and the loss comes after it.
 
     python -m training.memory --shape janus-pro-7b --engine zero3 --processes 8 --dtype bf16 \
         --gradient_checkpointing true --num_generations 8
@@ -53,7 +57,7 @@ class Engine:
     """How an engine lays out the training state on each of its processes."""
 
     sharded: tuple[str, ...] = ()  # the parts divided by the number of processes
-    gradient_buckets: bool = False  # DDP: the reducer's flat copy of every gradient (gradient_as_bucket_view off)
+    gradient_buckets: bool = False  # DDP: the reducer's buckets, apart from the gradients while micro-steps accumulate
     deepspeed: bool = False  # bf16 casts the module to bf16; the optimizer keeps an fp32 master copy
     bf16_weights: bool = False  # under bf16 the engine computes with bf16 weights, not autocast over fp32 ones
 
@@ -64,8 +68,8 @@ ENGINES = {
     "zero0": Engine(deepspeed=True, bf16_weights=True),
     "zero1": Engine(("optimizer",), deepspeed=True, bf16_weights=True),
     "zero2": Engine(("gradients", "optimizer"), deepspeed=True, bf16_weights=True),
-    "zero3": Engine(("weights", "gradients", "optimizer"), deepspeed=True, bf16_weights=True),
-    "fsdp": Engine(("weights", "gradients", "optimizer"), bf16_weights=True),  # bf16 is FSDP's param_dtype
+    "zero3": Engine(("weights", "gradients", "optimizer", "reference"), deepspeed=True, bf16_weights=True),
+    "fsdp": Engine(("weights", "gradients", "optimizer", "reference"), bf16_weights=True),  # bf16: FSDP's param_dtype
 }
 
 
@@ -93,7 +97,7 @@ class Parameters:
 
     total: int  # every parameter, LoRA adapters included
     trainable: int  # full fine-tuning: all but the vision tower and VQ; LoRA: the adapters
-    reference: int  # what the frozen KL reference copies: all but the (shared) vision tower and VQ
+    reference: int  # what the frozen KL reference copies: all but the vision tower and VQ
     autocast_linears: int  # trainable weights of the Linear layers autocast runs (every one but the two heads)
     frozen_linears_per_layer: int  # LoRA: frozen Linear weights of one decoder layer, cast again at every call
 
@@ -252,7 +256,8 @@ class StepMemory:
             "weights": f"{p.total:,} parameters",
             "gradients": f"{p.trainable:,} trainable",
             "optimizer": "AdamW states" + (" and DeepSpeed's fp32 master copy" if self.layout.deepspeed else ""),
-            "reference": "frozen KL reference" if self.reference else "none (beta = 0 or LoRA)",
+            "reference": ("frozen KL reference" + (", sharded" if "reference" in self.layout.sharded else "")
+                          if self.reference else "none (beta = 0 or LoRA)"),
             "autocast": "bf16 copies of the trainable Linear weights" if self.autocast else "none",
             "activations": "with gradient checkpointing" if self.gradient_checkpointing else "without checkpointing",
             "rollout": "sampler's KV cache" + (", gathered full weights" if "weights" in self.layout.sharded else ""),
@@ -314,12 +319,14 @@ def estimate_step_memory(model: MMR1Model | torch.nn.Module, config: GRPOConfig,
     kv_bytes = text_config.num_hidden_layers * text_config.hidden_size * (precision.residual + precision.activation)
     kv_cache = max(shape.positions for shape in shapes.values()) * kv_bytes
     gathered = weights - share(weights, "weights", layout, processes)
+    accumulating = layout.gradient_buckets and config.prompts_per_step > 1
+    reference = 0 if config.beta == 0 else parameters.reference * (2 if config.dtype == "bf16" else 4)
     return StepMemory(
         weights=share(weights, "weights", layout, processes),
         gradients=share(parameters.trainable * precision.weight, "gradients", layout, processes)
-        * (2 if layout.gradient_buckets else 1),
+        * (2 if accumulating else 1),
         optimizer=share(parameters.trainable * precision.optimizer, "optimizer", layout, processes),
-        reference=0 if config.beta == 0 else parameters.reference * (2 if config.dtype == "bf16" else 4),
+        reference=share(reference, "reference", layout, processes),
         autocast=2 * parameters.autocast_linears if precision.autocast else 0,
         activations=activations(names),
         rollout=kv_cache + gathered,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,9 @@ class Policy:
     base: Path  # the folder training started from; LoRA exports point at it
     adapter: object | None = None  # the PeftModel around mm.model when training LoRA
     reference_model: torch.nn.Module | None = None  # frozen copy for the KL (full fine-tuning)
+    # How the engine that wrapped reference_model opens it for scoring: the bare model, its weights usable inside
+    # (Run.prepare_reference sets it; an unwrapped reference is used as it is).
+    open_reference: Callable[[torch.nn.Module], contextlib.AbstractContextManager] = contextlib.nullcontext
 
     @property
     def is_lora(self) -> bool:
@@ -51,9 +55,9 @@ class Policy:
             return
         if self.reference_model is None:
             raise RuntimeError("The policy was built without a reference model (beta = 0).")
-        reference = copy.copy(self.mm)
-        reference.model = self.reference_model
-        with torch.no_grad():
+        with self.open_reference(self.reference_model) as model, torch.no_grad():
+            reference = copy.copy(self.mm)
+            reference.model = model
             yield reference
 
     def save(self, folder: Path, state_dict: dict[str, torch.Tensor], record: dict) -> None:

@@ -9,6 +9,7 @@ reward models (see mmr1.rewards.parse_reward_spec).
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -31,21 +32,31 @@ def reasoning_format(images: torch.Tensor, references, prompts, reasonings) -> t
 PROGRAMMATIC = {"redness": redness, "format": reasoning_format}
 
 
+def parse_spec(spec: str) -> tuple[str, Path | None, float]:
+    """(name or kind, folder or None, weight) of "redness@1" or "dino=/models/dino@0.5", checked without loading
+    anything, so a config can be validated before a run starts."""
+    from mmr1.rewards import parse_reward_spec
+
+    if "=" in spec:
+        return parse_reward_spec(spec)
+    name, _, weight = spec.partition("@")
+    if name not in PROGRAMMATIC:
+        raise InputError(f"Unknown reward {name!r}; programmatic rewards: {sorted(PROGRAMMATIC)}, "
+                         "or a reward model as kind=folder@weight.")
+    try:
+        return name, None, float(weight or 1.0)
+    except ValueError as error:
+        raise InputError(f"Reward weight in {spec!r} is not a number.") from error
+
+
 def build_reward(spec: str, device: str = "cpu") -> tuple[str, RewardFunction, float]:
     """(name, function, weight) from "redness@1" or "dino=/models/dino@0.5"."""
     from mmr1.images import image_batch_to_pils
-    from mmr1.rewards import load_reward_model, parse_reward_spec
+    from mmr1.rewards import load_reward_model
 
-    if "=" not in spec:
-        name, _, weight = spec.partition("@")
-        if name not in PROGRAMMATIC:
-            raise InputError(f"Unknown reward {name!r}; programmatic rewards: {sorted(PROGRAMMATIC)}, "
-                             "or a reward model as kind=folder@weight.")
-        try:
-            return name, PROGRAMMATIC[name], float(weight or 1.0)
-        except ValueError as error:
-            raise InputError(f"Reward weight in {spec!r} is not a number.") from error
-    kind, folder, weight = parse_reward_spec(spec)
+    kind, folder, weight = parse_spec(spec)
+    if folder is None:
+        return kind, PROGRAMMATIC[kind], weight
     model = load_reward_model(kind, folder, device=device)
 
     def score(images, references, prompts, reasonings):

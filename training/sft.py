@@ -11,9 +11,9 @@ its own tokens and the two are weighted, so 576 image tokens do not drown 50 rea
 `unconditional_prob` an example's image segment sees the unconditional (padded) context instead, which keeps
 classifier-free guidance meaningful. With probability `reasoning_drop_prob` it sees the references without
 the reasoning (and has no text loss), so the same model can also generate straight from references: the
-baseline that training/evaluate.py compares X-CoT against.
+baseline that the world evaluation compares X-CoT against.
 
-    python -m training.sft --config training/configs/sft_tiny.toml
+    python -m training.sft --config training/configs/sft.toml
 """
 
 from __future__ import annotations

@@ -148,8 +148,8 @@ def build_clip_folder(
     context: int = _TEXT_CONTEXT,
     projection_dim: int = 16,
 ) -> None:
-    """A random CLIP folder (weights, tokenizer, preprocessor) of the given sizes; training/clip_reward.py trains
-    one of these on the procedural world, the tests use the tiny defaults."""
+    """A random CLIP folder (weights, tokenizer, preprocessor) of the given sizes; training/world/clip_reward.py
+    trains one of these on the procedural world, the tests use the tiny defaults."""
     tokenizer = _build_clip_tokenizer(out_dir, words, context)
     config = transformers.CLIPConfig(
         text_config={

@@ -45,7 +45,7 @@ def test_demo_generates_from_the_bundled_references(assets, tmp_path, capsys):
 def test_a_missing_embedded_model_names_its_folder_and_the_rebuild_command(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(embedded, "ASSETS_DIR", tmp_path / "empty")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(InputError, match="training.embedded"):
+    with pytest.raises(InputError, match="training.world.pipeline"):
         embedded.resolve(embedded.MODEL_NAME)
     assert main(["generate", "--prompt", "a dog", "--out", str(tmp_path / "out")]) == 2
     assert str(tmp_path / "empty") in capsys.readouterr().err

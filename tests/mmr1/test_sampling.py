@@ -7,6 +7,7 @@ import torch
 
 from mmr1.errors import GenerationCancelled, InputError
 from mmr1.generation import generation_sequence
+from mmr1.model import head_logits
 from mmr1.prompting import batch_prefix, embed_sequence
 from mmr1.sampling import (
     Modality,
@@ -224,3 +225,16 @@ def test_synced_sampling_steps_on_while_another_process_runs(tiny_model, monkeyp
     assert unsynced.tokens.shape == (2, 3) and unsynced.lengths.tolist() == [3, 3]
     assert torch.equal(synced.tokens, unsynced.tokens) and torch.equal(synced.lengths, unsynced.lengths)
     assert torch.equal(synced.logprobs, unsynced.logprobs)
+
+
+def test_heads_give_fp32_logits_under_bf16_autocast_over_fp32_weights(tiny_model):
+    """GRPO trains fp32 weights under bf16 autocast; its log-probs (and the sampler's) need fp32 logits, which
+    autocast would round to bf16. A model loaded in bf16 keeps its bf16 heads."""
+    hidden = torch.randn(3, tiny_model.model.config.text_config.hidden_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.nn.functional.linear(hidden, tiny_model.model.lm_head.weight).dtype == torch.bfloat16
+        image, text = tiny_model.image_logits(hidden), tiny_model.text_logits(hidden)
+    assert image.dtype == text.dtype == torch.float32
+    torch.testing.assert_close(text, tiny_model.text_logits(hidden))
+    bf16_head = torch.nn.Linear(hidden.shape[1], 5).to(torch.bfloat16)
+    assert head_logits(bf16_head, hidden).dtype == torch.bfloat16

@@ -25,7 +25,7 @@ import pytest
 
 from mmr1.embedded import MODEL_NAME as EMBEDDED_MODEL_NAME
 from mmr1.embedded import REWARD_NAME as EMBEDDED_REWARD_NAME
-from training.world import IMAGE_SIZE as WORLD_IMAGE_SIZE
+from training.world.scenes import IMAGE_SIZE as WORLD_IMAGE_SIZE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKFLOW_MODEL_NAME = EMBEDDED_MODEL_NAME  # what the shipped workflows load: the model inside the pack (mmr1/assets)

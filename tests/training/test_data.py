@@ -1,10 +1,9 @@
-"""training.data: the JSONL round trip, every validation error, mask cropping, the DreamBench converter, the CLI."""
+"""training.data: the JSONL round trip, every validation error, mask cropping, the CLI."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,11 +15,9 @@ from PIL import Image
 from mmr1.errors import InputError
 from mmr1.xcot import format_reasoning
 from tests.conftest import subject_image
-from training.data import Record, dreambench_records, main, read_records, write_records
+from training.data import Record, read_records, write_records
 
 ROOT = Path(__file__).resolve().parents[2]
-OBJECT_PROMPTS = ["a {0} {1} in the jungle", "a {0} {1} on top of pink fabric", "a red {0} {1}"]
-LIVE_PROMPTS = ["a {0} {1} in the jungle", "a {0} {1} wearing a red hat", "a {0} {1} in a chef outfit", "a wet {0} {1}"]
 
 
 def _save(path: Path, image: Image.Image) -> Path:
@@ -159,86 +156,6 @@ def test_records_built_in_code_are_validated() -> None:
     with pytest.raises(InputError, match="'references' is empty"):
         Record(id="x", references=(), prompt="p")
     assert Record(id="x", references=["a.jpg"], prompt="p").references == (Path("a.jpg"),)
-
-
-def _dreambench(root: Path, prompts: str | None = None) -> Path:
-    """DreamBench's layout in miniature: an object subject and a dog, and the prompt file in the real format."""
-    for subject, count in (("backpack", 5), ("dog", 4)):
-        for index in range(count):
-            _save(root / subject / f"{index:02d}.jpg", subject_image(size=(16, 16), colour=(index * 40, 0, 0)))
-
-    def listing(templates: list[str]) -> str:
-        lines = [f"'{template}'.format(unique_token, class_token)" for template in templates]
-        return "prompt_list = [\n" + ",\n".join(lines) + "\n]\n"
-
-    text = prompts or (
-        "Classes\n\nsubject_name,class\nbackpack,backpack\ndog,dog\n\nPrompts\n\n"
-        f"Object Prompts\n\n{listing(OBJECT_PROMPTS)}\nLive Subject Prompts\n\n{listing(LIVE_PROMPTS)}"
-    )
-    (root / "prompts_and_classes.txt").write_text(text)
-    return root
-
-
-def test_dreambench_gives_each_subject_its_prompt_list(tmp_path: Path) -> None:
-    records = dreambench_records(_dreambench(tmp_path), references_per_record=3)
-    assert len(records) == len(OBJECT_PROMPTS) + len(LIVE_PROMPTS)
-    backpack = [record for record in records if record.id.startswith("backpack-")]
-    dog = [record for record in records if record.id.startswith("dog-")]
-    assert [record.prompt for record in backpack] == [
-        "a backpack in the jungle", "a backpack on top of pink fabric", "a red backpack"
-    ]
-    assert [record.prompt for record in dog][1:3] == ["a dog wearing a red hat", "a dog in a chef outfit"]
-    assert [record.id for record in dog] == ["dog-00", "dog-01", "dog-02", "dog-03"]
-    for record in records:
-        assert record.subject == record.id.split("-")[0] and record.target is None and record.masks is None
-        assert len(set(record.references)) == 3
-        assert all(path.parent == tmp_path / record.id.split("-")[0] for path in record.references)
-
-
-def test_dreambench_reference_choice_depends_only_on_seed(tmp_path: Path) -> None:
-    root = _dreambench(tmp_path)
-    first = dreambench_records(root, seed=1)
-    assert dreambench_records(root, seed=1) == first
-    assert [record.references for record in dreambench_records(root, seed=2)] != [record.references for record in first]
-    dogs = [record for record in first if record.id.startswith("dog-")]
-    assert dreambench_records(root, seed=1, subjects=["dog"]) == dogs  # a subset picks the same photos
-
-
-def test_dreambench_unique_token(tmp_path: Path) -> None:
-    records = dreambench_records(_dreambench(tmp_path), unique_token="sks", subjects=["backpack"])
-    assert [record.prompt for record in records] == [
-        "a sks backpack in the jungle", "a sks backpack on top of pink fabric", "a red sks backpack"
-    ]
-
-
-def test_dreambench_errors(tmp_path: Path) -> None:
-    root = _dreambench(tmp_path / "a")
-    with pytest.raises(InputError, match="Unknown DreamBench subjects cat; known: backpack, dog"):
-        dreambench_records(root, subjects=["dog", "cat"])
-    with pytest.raises(InputError, match=r"fewer photos: dog \(4\)"):
-        dreambench_records(root, references_per_record=5)
-    no_live = "subject_name,class\ndog,dog\n\nObject Prompts\n'a {0} {1}'.format(unique_token, class_token)\n"
-    broken = _dreambench(tmp_path / "b", prompts=no_live)
-    prompts_file = broken / "prompts_and_classes.txt"
-    with pytest.raises(InputError, match=re.escape(f"{prompts_file} lacks the 'Live Subject Prompts' section")):
-        dreambench_records(broken)
-
-
-def test_cli_dreambench_then_check(tmp_path: Path, capsys) -> None:
-    root = _dreambench(tmp_path / "bench")
-    out = tmp_path / "bench" / "grpo.jsonl"
-    options = ["--references", "2", "--unique-token", "sks", "--subjects", "dog", "--seed", "3"]
-    assert main(["dreambench", str(root), str(out), *options]) == 0
-    assert "wrote 4 records (1 subjects)" in capsys.readouterr().out
-    first = json.loads(out.read_text().splitlines()[0])
-    assert first["prompt"] == "a sks dog in the jungle" and len(first["references"]) == 2
-    assert all(path.startswith("dog/") for path in first["references"])  # relative to the output's folder
-
-    assert main(["check", str(out)]) == 0
-    assert "4 records" in capsys.readouterr().out
-    assert main(["check", str(out), "--require", "target,reasoning"]) == 2
-    error = capsys.readouterr().err
-    assert error.startswith("error:") and "4 records lack 'target' (lines 1, 2, 3, 4)" in error
 
 
 def test_cli_runs_as_a_module_and_reports_errors(tmp_path: Path) -> None:

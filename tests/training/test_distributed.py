@@ -1,10 +1,13 @@
 """The engine paths no CPU runs for real, each as close to the real thing as this machine allows: DeepSpeed's
 gradient accumulation (a counting stand-in engine behind accelerate's own wrappers), sampling under ZeRO-3 (a
-stand-in for its hooks), and, in two gloo processes, synced stopping and sampling under FSDP 1."""
+stand-in for its hooks), accelerate's own DeepSpeed preparation of the policy and the KL reference's own engine
+(a stand-in deepspeed package), and, in two gloo processes, synced stopping, DDP's gradient buckets, and
+sampling and reference scoring under FSDP 1."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import sys
 import types
@@ -19,9 +22,11 @@ from safetensors.torch import load_file
 from mmr1.xcot import format_reasoning
 from tests.training.test_engine import ROOT, run
 from training.config import ConfigError, build_config
-from training.data import Record, write_records
-from training.engine import Run
-from training.grpo import GRPOConfig
+from training.data import Record, read_records, write_records
+from training.engine import Objective, Run
+from training.grpo import GRPOConfig, rollout, score_reference
+from training.policy import make_policy
+from training.rewards import build_rewards
 from training.sft import SFTConfig
 
 ACCELERATE_CONFIGS = ROOT / "training" / "configs" / "accelerate"
@@ -74,17 +79,21 @@ class CountingEngine:
 
 
 def launcher_environment(config_file: Path) -> dict[str, str]:
-    """The ACCELERATE_* variables accelerate's own launcher sets for `accelerate launch --config_file`, less
-    ACCELERATE_USE_DEEPSPEED (there is no deepspeed here)."""
+    """The ACCELERATE_* and FSDP_* variables accelerate's own launcher sets for `accelerate launch --config_file`
+    (they configure its DeepSpeed and FSDP plugins), less the switches that turn those engines on (neither runs
+    on this CPU)."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
     args = launch_command_parser().parse_args(["--config_file", str(config_file), "-m", "training.grpo"])
     args, defaults, _ = _validate_launch_command(args)
-    args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
-    _, environment = prepare_deepspeed_cmd_env(args)
-    return {key: value for key, value in environment.items()
-            if key.startswith("ACCELERATE_") and key != "ACCELERATE_USE_DEEPSPEED"}
+    if args.use_deepspeed:
+        args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
+        _, environment = prepare_deepspeed_cmd_env(args)
+    else:
+        environment = prepare_multi_gpu_env(args)
+    return {key: value for key, value in environment.items() if key.startswith(("ACCELERATE_", "FSDP_"))
+            and key not in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP")}
 
 
 class DeepSpeedPretence:
@@ -261,16 +270,133 @@ def test_zero3_sampling_gathers_once_with_the_hooks_off_and_puts_them_back(tiny_
     assert offload.gathers > 0  # the hooks are back for training
 
 
-# -- two gloo processes: synced stopping, FSDP ---------------------------------------------------------------
+# -- DeepSpeed: accelerate's own preparation, and the reference's engine ----------------------------------------
+
+
+class StandInEngine(torch.nn.Module):
+    """Stands in for a DeepSpeedEngine: a Module around `module`. Built without an optimizer (the reference's),
+    its optimizer is what ZeRO-3 makes then, the parameter offload, whose coordinator's trace resets it counts."""
+
+    def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer | None):
+        super().__init__()
+        self.module, self.resets = module, 0
+        self.optimizer = optimizer or types.SimpleNamespace(param_coordinator=types.SimpleNamespace(
+            reset_step=lambda: setattr(self, "resets", self.resets + 1)))
+
+
+class StandInDeepSpeed:
+    """Stands in for the deepspeed package where accelerate's _prepare_deepspeed and Run.prepare_reference call
+    it: `initialize` records the model and config of each call and returns a StandInEngine."""
+
+    def __init__(self):
+        self.calls: list[tuple[torch.nn.Module, dict]] = []
+
+    def initialize(self, model, optimizer=None, config=None, config_params=None, **ignored):
+        self.calls.append((model, copy.deepcopy(config if config is not None else config_params)))
+        return StandInEngine(model, optimizer), optimizer, None, None
+
+
+@pytest.fixture(params=["deepspeed_zero2.yaml", "deepspeed_zero3.yaml"])
+def deepspeed_prepared(request, tiny_hf_dir, records, tmp_path, monkeypatch):
+    """A GRPO run with beta > 0 launched with one of the DeepSpeed yamls, its policy prepared by accelerate's own
+    _prepare_deepspeed, deepspeed.initialize being the stand-in's. accelerate imports its DeepSpeed wrappers only
+    where deepspeed is installed (here they are given to it as it would import them), and the stand-in has no
+    package metadata (accelerate's version checks of it answer no)."""
+    import accelerate.accelerator
+    import accelerate.utils.deepspeed
+    from accelerate.utils import DeepSpeedPlugin
+
+    from mmr1.loading import load_model
+
+    for key, value in launcher_environment(ACCELERATE_CONFIGS / request.param).items():
+        monkeypatch.setenv(key, value)
+    deepspeed = StandInDeepSpeed()
+    monkeypatch.setitem(sys.modules, "deepspeed", deepspeed)
+    for name in ("DeepSpeedEngineWrapper", "DeepSpeedOptimizerWrapper", "DeepSpeedSchedulerWrapper", "DummyOptim",
+                 "DummyScheduler"):
+        monkeypatch.setattr(accelerate.accelerator, name, getattr(accelerate.utils.deepspeed, name),
+                            raising=False)
+    compare_versions = accelerate.accelerator.compare_versions
+    monkeypatch.setattr(accelerate.accelerator, "compare_versions",
+                        lambda library, *args: library != "deepspeed" and compare_versions(library, *args))
+    config = build_config(GRPOConfig, {"model": str(tiny_hf_dir), "data": str(records), "device": "cpu",
+                                       "output_dir": str(tmp_path / "run"), "num_generations": 2, "cfg_scale": 2.0,
+                                       "max_reasoning_tokens": 4, "beta": 0.02})
+    run = Run("grpo", config)
+    run.accelerator.deepspeed_engine_wrapped = None  # as Accelerator.__init__ starts a DeepSpeed run
+    plugin = DeepSpeedPlugin()  # from the launcher's variables
+    DeepSpeedPretence(monkeypatch, plugin)
+    mm = load_model(tiny_hf_dir, dtype="fp32", device="cpu")
+    policy = make_policy(mm, tiny_hf_dir, None, with_reference=True)
+    run.prepare(policy, loss=None)
+    return types.SimpleNamespace(run=run, policy=policy, deepspeed=deepspeed, plugin=plugin, config=config,
+                                 stage=plugin.zero_stage)
+
+
+def test_deepspeed_prepare_takes_one_group_per_micro_step(deepspeed_prepared):
+    """The yamls leave train_micro_batch_size_per_gpu "auto", which accelerate fills from a dataloader; the
+    recipes pass none, so accelerate's prepare would raise before deepspeed.initialize. A micro-step is one
+    group: 1, and the batch is 1 x accumulation steps x processes."""
+    [(model, prepared)] = deepspeed_prepared.deepspeed.calls
+    assert isinstance(model, Objective)
+    assert prepared["train_micro_batch_size_per_gpu"] == 1
+    assert prepared["train_batch_size"] == prepared["gradient_accumulation_steps"] == 1
+    assert prepared["zero_optimization"]["stage"] == deepspeed_prepared.stage
+    assert isinstance(deepspeed_prepared.run.objective, StandInEngine)
+
+
+def test_deepspeed_reference_gets_its_own_engine_as_in_trl(deepspeed_prepared, records):
+    """As TRL's prepare_deepspeed: deepspeed.initialize on the reference with a copy of the prepared config,
+    ZeRO-3 kept (sharded too, buckets from the hidden size) and any other stage made 0 (a replicated copy); the
+    engine comes back in eval mode, and scoring runs on its module (ZeRO-3: each block one trace of the hooks),
+    with the log-probs of the unwrapped reference."""
+    run, policy, deepspeed = deepspeed_prepared.run, deepspeed_prepared.policy, deepspeed_prepared.deepspeed
+    config = deepspeed_prepared.config
+    names = ("reasoning", "image")
+    group = rollout(policy.mm, read_records(records)[0], config, build_rewards(config.rewards), seeds=(1, 2))
+    score_reference(policy, group, names)
+    expected = {name: group.segments[name].reference_logprobs for name in names}
+
+    plain = policy.reference_model
+    policy.reference_model = engine = run.prepare_reference(plain)
+    model, reference_config = deepspeed.calls[-1]
+    assert len(deepspeed.calls) == 2 and model is plain
+    zero = reference_config["zero_optimization"]
+    hidden = plain.config.text_config.hidden_size
+    buckets = {"reduce_bucket_size": hidden**2, "stage3_param_persistence_threshold": 10 * hidden,
+               "stage3_prefetch_bucket_size": int(0.9 * hidden**2)}
+    if deepspeed_prepared.stage == 3:
+        assert zero["stage"] == 3 and buckets.items() <= zero.items()
+    else:
+        assert zero["stage"] == 0 and not buckets.keys() & zero.keys()
+    assert reference_config["train_micro_batch_size_per_gpu"] == 1
+    assert deepspeed_prepared.plugin.deepspeed_config["zero_optimization"]["stage"] == deepspeed_prepared.stage
+    assert isinstance(engine, StandInEngine) and engine.module is plain and not engine.training
+
+    with policy.reference() as reference:
+        assert reference.model is plain
+    score_reference(policy, group, names)
+    for name in names:
+        assert torch.equal(group.segments[name].reference_logprobs, expected[name])
+    assert engine.resets == (2 if deepspeed_prepared.stage == 3 else 0)
+
+
+# -- two gloo processes: synced stopping, DDP's buckets, FSDP ----------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def two_processes(tiny_hf_dir, tmp_path_factory) -> list[dict]:
-    """What each process of tests/training/distributed_worker.py saw (DDP config, 2 CPU processes over gloo)."""
+    """What each process of tests/training/distributed_worker.py saw (DDP config, 2 CPU processes over gloo),
+    with the FSDP plugin's variables of fsdp.yaml passed on, but sync_module_states off: FSDP refuses it for
+    modules on the CPU (it broadcasts from GPU memory)."""
     out = tmp_path_factory.mktemp("distributed")
-    run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIGS / "ddp.yaml"),
-         "--num_processes", "2", "--main_process_port", "29519",
-         "-m", "tests.training.distributed_worker", "--model", str(tiny_hf_dir), "--out", str(out)])
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        for key, value in launcher_environment(ACCELERATE_CONFIGS / "fsdp.yaml").items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("FSDP_SYNC_MODULE_STATES", "false")
+        run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+             str(ACCELERATE_CONFIGS / "ddp.yaml"), "--num_processes", "2", "--main_process_port", "29519",
+             "-m", "tests.training.distributed_worker", "--model", str(tiny_hf_dir), "--out", str(out)])
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
 
 
@@ -295,3 +421,31 @@ def test_fsdp_sampling_gathers_the_root_unit_only_and_matches_the_unwrapped_mode
         assert fsdp["head_weight_dims"] == 2 and fsdp["decoder_weight_dims"] == 1
         assert fsdp["reasoning"] == {**seen["unsynced"], "forwards": 7}
         assert fsdp["image"] == seen["image"]
+
+
+def test_ddp_gradients_are_views_of_the_reducers_buckets(two_processes):
+    """gradient_as_bucket_view: after a synchronised backward the gradients of the 21 trained tensors share the
+    storage of the reducer's one bucket (the tiny model fits in it), instead of each holding a copy of its own."""
+    for seen in two_processes:
+        assert seen["ddp_gradients"] == {"gradients": 21, "storages": 1}
+
+
+def test_fsdp_shards_the_reference_and_scores_as_the_unwrapped_one(two_processes):
+    """Run.prepare_reference under FSDP 1 (fsdp.yaml's plugin): the reference's decoder weights are flat 1-D
+    shards, half on each process, and so is its root unit outside scoring; inside Policy.reference() the root
+    unit is whole and the bare model is handed on; the log-probs scored inside Run.generation_weights, as the
+    trainer scores, equal those of the unwrapped reference (top-k 8 sampling, untruncated KL distributions)."""
+    full = two_processes[0]["reference_decoder_numel"]
+    shards = [seen["fsdp"]["reference_outside"]["decoder_numel"] for seen in two_processes]
+    assert sum(shards) == full and all(shard == full // 2 for shard in shards)
+    for seen in two_processes:
+        fsdp = seen["fsdp"]
+        assert fsdp["reference_outside"] == {"head_weight_dims": 1, "decoder_weight_dims": [1],
+                                             "decoder_numel": full // 2, "training": False}
+        assert fsdp["reference_inside"] == {"model_is_the_wrapped_module": True, "head_weight_dims": 2,
+                                            "decoder_weight_dims": 1}
+        for name, unwrapped in seen["reference_logprobs"].items():
+            torch.testing.assert_close(torch.tensor(fsdp["reference_logprobs"][name]), torch.tensor(unwrapped),
+                                       atol=1e-6, rtol=0)
+            assert torch.tensor(unwrapped).isfinite().all()
+    assert two_processes[0]["reference_logprobs"] != two_processes[1]["reference_logprobs"]  # each its own group

@@ -46,7 +46,7 @@ def test_parts_equal_a_hand_count_on_the_tiny_model(tiny, counts):
     total, trainable = counts["total"], counts["trainable"]
     fp32 = estimate_step_memory(tiny, grpo_config(dtype="fp32"))
     assert (fp32.weights, fp32.gradients, fp32.optimizer) == (4 * total, 4 * trainable, 8 * trainable)
-    assert fp32.reference == 4 * trainable  # the reference shares the vision tower and the VQ
+    assert fp32.reference == 4 * trainable  # the reference does without the vision tower and the VQ
     assert fp32.autocast == 0
     bf16 = estimate_step_memory(tiny, grpo_config(dtype="bf16"))
     assert bf16.weights == 4 * total  # fp32 master weights
@@ -83,18 +83,29 @@ def test_engines_divide_the_right_parts(tiny, counts, engine):
     estimate = estimate_step_memory(tiny, grpo_config(), engine=engine, processes=n)
     sharded = {
         "single": (), "ddp": (), "zero0": (), "zero1": ("optimizer",), "zero2": ("gradients", "optimizer"),
-        "zero3": ("weights", "gradients", "optimizer"), "fsdp": ("weights", "gradients", "optimizer"),
+        "zero3": ("weights", "gradients", "optimizer", "reference"),
+        "fsdp": ("weights", "gradients", "optimizer", "reference"),
     }[engine]
     expected = {
         "weights": 4 * total,
-        "gradients": (8 if engine == "ddp" else 4) * trainable,  # DDP's reducer keeps a flat copy of the gradients
+        "gradients": 4 * trainable,  # DDP's too: views of its reducer's buckets
         "optimizer": (12 if engine.startswith("zero") else 8) * trainable,  # DeepSpeed keeps an fp32 master copy
+        "reference": 4 * trainable,  # sharded with the weights (Run.prepare_reference), else on every process
     }
     for part, nbytes in expected.items():
         assert getattr(estimate, part) == (-(-nbytes // n) if part in sharded else nbytes), part
-    assert estimate.reference == single.reference  # replicated on every process
     assert estimate.activations == single.activations
     assert estimate.rollout - single.rollout == 4 * total - estimate.weights  # sampling gathers the full weights
+
+
+def test_ddp_holds_the_gradients_twice_only_while_micro_steps_accumulate(tiny, counts):
+    """With prompts_per_step > 1 the first micro-steps accumulate into gradients of their own (zero_grad set them
+    to None), apart from the reducer's buckets, until the last backward copies them in."""
+    for prompts_per_step, copies in ((1, 1), (2, 2)):
+        config = grpo_config(prompts_per_step=prompts_per_step)
+        ddp = estimate_step_memory(tiny, config, engine="ddp", processes=2)
+        assert ddp.gradients == copies * 4 * counts["trainable"]
+        assert estimate_step_memory(tiny, config).gradients == 4 * counts["trainable"]  # no reducer
 
 
 def test_deepspeed_bf16_holds_bf16_weights_and_an_fp32_master_copy(tiny, counts):
@@ -213,7 +224,12 @@ def test_janus_pro_7b_in_bf16_with_eight_rollouts(janus_pro_7b):
     sharded = estimate_step_memory(janus_pro_7b, grpo_config(**knobs, gradient_checkpointing=True), engine="zero3",
                                    processes=8)
     assert sharded.weights / GIB == pytest.approx(27.6 / 2 / 8, abs=0.05)  # DeepSpeed's bf16 module, sharded
-    assert 30 * GIB < sharded.total < 80 * GIB
+    assert sharded.reference / GIB == pytest.approx(13.1 / 8, abs=0.01)  # sharded too
+    assert 30 * GIB < sharded.total < 45 * GIB
+    ddp = estimate_step_memory(janus_pro_7b, grpo_config(**knobs, gradient_checkpointing=True), engine="ddp",
+                               processes=8)
+    assert ddp.gradients == checkpointed.gradients  # no second copy in the reducer
+    assert ddp.reference == checkpointed.reference  # replicated
 
 
 def test_report_names_every_part_and_says_whether_it_fits(tiny):

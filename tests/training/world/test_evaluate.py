@@ -1,4 +1,4 @@
-"""training.evaluate: the world report (four conditions, judge and reward scores, files) and the CLI."""
+"""training.world.evaluate: the world report (four conditions, judge and reward scores, files) and the CLI."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from training.evaluate import CONDITIONS, evaluate_world, held_out_tasks, main, reasoning_names_subject
-from training.judge import AttributeJudge, save_judge
-from training.world import HELD_OUT_SUBJECTS
+from training.world.evaluate import CONDITIONS, evaluate_world, held_out_tasks, main, reasoning_names_subject
+from training.world.judge import AttributeJudge, save_judge
+from training.world.scenes import HELD_OUT_SUBJECTS
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,5 @@ def test_world_report_has_every_condition_with_scores_and_files(tmp_path, tiny_h
 
 
 def test_cli_names_missing_folders(tmp_path, capsys):
-    assert main(["world", "--judge", str(tmp_path / "nothing"), "--tasks", "1"]) == 2
+    assert main(["--judge", str(tmp_path / "nothing"), "--tasks", "1"]) == 2
     assert "error:" in capsys.readouterr().err
-    assert main(["dreambench", str(tmp_path), "--model", str(tmp_path)]) == 2
-    assert "--dino" in capsys.readouterr().err

@@ -8,8 +8,8 @@ import torch
 
 from mmr1.errors import InputError
 from mmr1.tiny import TinySpec
-from training.fit import fit, to_pixels
-from training.world import ATTRIBUTES, labelled_scenes
+from training.world.fit import fit, to_pixels
+from training.world.scenes import ATTRIBUTES, labelled_scenes
 
 SMALL_VQ = TinySpec(image_size=64, patch_size=4, vq_codebook_size=64, vq_base_channels=32,
                     vq_channel_multiplier=(1, 1, 1), vq_latent_channels=32)
@@ -27,7 +27,7 @@ def test_fit_lowers_a_loss_with_warmup_and_cosine_decay():
 
 
 def test_vq_training_reconstructs_better_and_transformers_encode_agrees_with_mmr1(scenes):
-    from training.vq import reconstruct, reconstruction_error, train_vq
+    from training.world.vq import reconstruct, reconstruction_error, train_vq
 
     from transformers.models.janus.modeling_janus import JanusVQVAE
 
@@ -48,7 +48,7 @@ def test_vq_training_reconstructs_better_and_transformers_encode_agrees_with_mmr
 
 
 def test_the_understanding_encoder_learns_the_attributes(scenes):
-    from training.understanding import train_understanding_encoder
+    from training.world.understanding import train_understanding_encoder
 
     spec = TinySpec(image_size=64, patch_size=16, vision_hidden_size=32, vq_channel_multiplier=(1, 1, 1, 1, 1))
     encoder, losses = train_understanding_encoder(spec, scenes.images, scenes.labels(), steps=40, batch_size=32)
@@ -57,7 +57,7 @@ def test_the_understanding_encoder_learns_the_attributes(scenes):
 
 
 def test_the_judge_reads_scene_attributes_and_round_trips(tmp_path, scenes):
-    from training.judge import attribute_accuracy, load_judge, save_judge, train_judge
+    from training.world.judge import attribute_accuracy, load_judge, save_judge, train_judge
 
     judge, _ = train_judge(scenes.images, scenes.labels(), steps=120, batch_size=32, learning_rate=3e-3)
     test = labelled_scenes(128, seed=9, split="heldout")
@@ -76,7 +76,7 @@ def test_the_reward_model_is_a_clip_folder_that_prefers_the_true_caption(tmp_pat
     from PIL import Image
 
     from mmr1.rewards import load_reward_model
-    from training.clip_reward import train_clip_reward
+    from training.world.clip_reward import train_clip_reward
 
     losses = train_clip_reward(tmp_path / "clip", scenes, steps=60, batch_size=32, learning_rate=2e-3)
     assert np.mean(losses[-5:]) < np.mean(losses[:5])

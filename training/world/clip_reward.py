@@ -20,7 +20,7 @@ from mmr1.rewards.models import feature_tensor
 from mmr1.rewards.tiny import build_clip_folder
 
 from .fit import batch_indices, fit
-from .world import IMAGE_SIZE, LabelledScenes, vocabulary
+from .scenes import IMAGE_SIZE, LabelledScenes, vocabulary
 
 _CONTEXT = 32
 _SIZES = {"hidden_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4}

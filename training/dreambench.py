@@ -1,4 +1,12 @@
-"""DreamBench evaluation (DreamBooth, Ruiz et al. 2023) of an mmr1 model: DINO, CLIP-I and CLIP-T per subject.
+"""DreamBench (DreamBooth, Ruiz et al. 2023): its folder as GRPO prompt records, and its evaluation of an mmr1
+model (DINO, CLIP-I and CLIP-T per subject).
+
+    python -m training.dreambench records ROOT OUT.jsonl [--references N] [--unique-token sks] [--subjects a,b]
+    python -m training.dreambench evaluate ROOT --model DIR [--dino DIR] [--clip DIR] [--out DIR] [--mode xcot]
+
+A DreamBench folder holds `<subject>/*.jpg` and `prompts_and_classes.txt` (the subject table and the object and
+live-subject prompt lists). `records` writes one prompt record (training/data.py's format, no target) per subject
+and prompt of its list; the evaluation draws from the same records, so training and evaluation agree on prompts.
 
 Protocol: for every subject of a DreamBench folder and each of its prompts (object or live-subject list, written
 with the class noun and no unique token), the model sees `references` photos of the subject and draws
@@ -16,8 +24,11 @@ run on a subset of subjects draws exactly the images the full run draws for them
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import random
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -25,20 +36,102 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from mmr1.errors import InputError
+from mmr1.errors import InputError, report_user_errors
 from mmr1.generation import generate
 from mmr1.images import to_rgb
 from mmr1.metadata import save_png
 from mmr1.rewards import RewardModel
 from mmr1.sampling import SamplingSettings
 from mmr1.xcot import Grounding, check_subject_source, extract_subject, ground
-from training.data import (
-    DREAMBENCH_PROMPTS_FILE,
-    Record,
-    _dreambench_tables,
-    dreambench_photos,
-    dreambench_records,
-)
+
+from .data import Record, absolute_path, split_names, write_records
+
+# DreamBench's "live subject" prompts (outfits, hats) suit animals; its table has no other column saying which.
+LIVE_CLASSES = frozenset({"cat", "dog"})
+DREAMBENCH_PROMPTS_FILE = "prompts_and_classes.txt"
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def _dreambench_tables(prompts_file: Path) -> tuple[dict[str, str], list[str], list[str]]:
+    """(subject -> class word, object prompt templates, live prompt templates) from prompts_and_classes.txt."""
+    try:
+        text = prompts_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"Cannot read the DreamBench prompt list {prompts_file}: {error}") from error
+    header = re.search(r"^\s*subject_name\s*,\s*class\s*$", text, flags=re.MULTILINE)
+    object_heading = re.search(r"^\s*Object Prompts\s*$", text, flags=re.MULTILINE)
+    live_heading = re.search(r"^\s*Live Subject Prompts\s*$", text, flags=re.MULTILINE)
+    for found, name in ((header, "the 'subject_name,class' table"), (object_heading, "the 'Object Prompts' section"),
+                        (live_heading, "the 'Live Subject Prompts' section")):
+        if found is None:
+            raise InputError(f"{prompts_file} lacks {name}; is it DreamBench's prompts_and_classes.txt?")
+
+    classes = {}
+    for row in text[header.end():].strip().splitlines():
+        match = re.fullmatch(r"\s*([\w\-]+)\s*,\s*([^,]+?)\s*", row)
+        if match is None:
+            break
+        classes[match.group(1)] = match.group(2)
+    template = re.compile(r"""(['"])(.*?)\1\s*\.format\(\s*unique_token\s*,\s*class_token\s*\)""")
+    object_prompts = [match.group(2) for match in template.finditer(text, object_heading.end(), live_heading.start())]
+    live_prompts = [match.group(2) for match in template.finditer(text, live_heading.end())]
+    for found, name in ((classes, "subject_name,class rows"), (object_prompts, "object prompts"),
+                        (live_prompts, "live subject prompts")):
+        if not found:
+            raise InputError(f"{prompts_file} lists no {name}.")
+    return classes, object_prompts, live_prompts
+
+
+def dreambench_photos(root: str | Path, subject: str) -> list[Path]:
+    """The subject's photos in name order: the references drawn from, and the real images metrics compare with."""
+    return sorted(path for path in (absolute_path(root) / subject).glob("*") if path.suffix.lower() in PHOTO_SUFFIXES)
+
+
+def dreambench_records(
+    root: str | Path,
+    references_per_record: int = 3,
+    unique_token: str = "",
+    seed: int = 0,
+    subjects: Sequence[str] | None = None,
+) -> list[Record]:
+    """GRPO prompt records (no target) for every DreamBench subject x its prompt list.
+
+    Live subjects (class cat or dog) get the live prompts, others the object prompts. Each record's references are
+    drawn by (seed, subject, prompt index) alone, so a subset run picks the same photos as the full one.
+    """
+    root = absolute_path(root)
+    if references_per_record < 1:
+        raise InputError(f"references per record must be at least 1, got {references_per_record}.")
+    classes, object_prompts, live_prompts = _dreambench_tables(root / DREAMBENCH_PROMPTS_FILE)
+    if subjects is not None:
+        unknown = [name for name in subjects if name not in classes]
+        if unknown:
+            raise InputError(f"Unknown DreamBench subjects {', '.join(unknown)}; known: {', '.join(classes)}.")
+    chosen = [name for name in classes if subjects is None or name in subjects]
+
+    photos = {name: dreambench_photos(root, name) for name in chosen}
+    too_few = [f"{name} ({len(found)})" for name, found in photos.items() if len(found) < references_per_record]
+    if too_few:
+        raise InputError(
+            f"{references_per_record} references per record, but these subjects of {root} have fewer photos: "
+            f"{', '.join(too_few)}."
+        )
+    records = []
+    for name in chosen:
+        class_word = classes[name]
+        templates = live_prompts if class_word in LIVE_CLASSES else object_prompts
+        for index, template in enumerate(templates):
+            rng = random.Random(f"{seed}:{name}:{index}")
+            records.append(
+                Record(
+                    id=f"{name}-{index:02d}",
+                    references=tuple(rng.sample(photos[name], references_per_record)),
+                    prompt=" ".join(template.format(unique_token.strip(), class_word).split()),
+                    subject=class_word,
+                )
+            )
+    return records
+
 
 # Reward kind -> column name; the order of the table's columns.
 METRICS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T"}
@@ -178,8 +271,8 @@ def generate_in_mode(
     ground_top_p: float,
     subject_source: str,
 ):
-    """The images of one prompt under a conditioning mode ("prompt", "references" or "xcot"); also used by the
-    world evaluation (training/evaluate.py), so both compare the same conditions."""
+    """The images of one prompt under a conditioning mode ("prompt", "references" or "xcot"); the world
+    evaluation draws its conditions with it too, so both compare the same conditions."""
     if mode == "prompt":
         return generate(mm, prompt, None, None, images_per_prompt, settings, seed)
     references = list(references)
@@ -317,3 +410,68 @@ def evaluate_dreambench(
             rows.append(SubjectScores(name, classes[name], len(drawn), {kind: _mean(values[kind]) for kind in values}))
     mean = {kind: _mean([image.scores[kind] for image in scored]) for kind in METRICS if kind in rewards}
     return DreamBenchResult(subjects=rows, mean=mean, images=scored, settings=run_settings)
+
+
+def _records_command(args: argparse.Namespace) -> int:
+    records = dreambench_records(args.root, args.references, args.unique_token, args.seed, split_names(args.subjects))
+    write_records(args.out, records)
+    subjects = {record.id.rsplit("-", 1)[0] for record in records}
+    print(f"wrote {len(records)} records ({len(subjects)} subjects) to {args.out}")
+    return 0
+
+
+def _evaluate_command(args: argparse.Namespace) -> int:
+    from mmr1.loading import load_model
+    from mmr1.rewards import load_reward_model
+
+    rewards = {}
+    if args.dino:
+        rewards["dino"] = load_reward_model("dino", args.dino)
+    if args.clip:
+        rewards.update({kind: load_reward_model(kind, args.clip) for kind in ("clip_i", "clip_t")})
+    if not rewards:
+        raise InputError("Give --dino and/or --clip reward folders: DreamBench scores need them.")
+    result = evaluate_dreambench(
+        load_model(args.model), args.root, rewards, subjects=split_names(args.subjects),
+        prompts_per_subject=args.prompts, images_per_prompt=args.images_per_prompt, references=args.references,
+        seed=args.seed, settings=SamplingSettings(cfg_scale=args.cfg), mode=args.mode, out_dir=args.out)
+    table = result.markdown()
+    if args.out is not None:
+        (args.out / "dreambench.md").write_text(table, encoding="utf-8")
+        (args.out / "dreambench.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+    print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training.dreambench", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    records = commands.add_parser("records", help="GRPO prompt records from a DreamBench folder")
+    bench = commands.add_parser("evaluate", help="the DreamBooth protocol: DINO, CLIP-I, CLIP-T")
+    for command in (records, bench):  # the options both share
+        command.add_argument("root", type=Path, help=f"folder with <subject>/*.jpg and {DREAMBENCH_PROMPTS_FILE}")
+        command.add_argument("--references", type=int, default=3, help="reference photos per prompt (default 3)")
+        command.add_argument("--subjects", default=None, help="comma-separated subset, e.g. dog,backpack (default: all)")
+        command.add_argument("--seed", type=int, default=0, help="seed of the reference choice (evaluate: and of sampling)")
+    records.add_argument("out", type=Path, help="JSONL file to write (paths relative to its folder when inside it)")
+    records.add_argument("--unique-token", default="", help="rare token before the class word, e.g. sks")
+    records.set_defaults(run=_records_command)
+    bench.add_argument("--model", type=Path, required=True)
+    bench.add_argument("--dino", type=Path, help="DINO ViT-S/16 folder (vit)")
+    bench.add_argument("--clip", type=Path, help="CLIP folder, for CLIP-I and CLIP-T")
+    bench.add_argument("--prompts", type=int, default=None, help="prompts per subject (default: all 25)")
+    bench.add_argument("--images-per-prompt", type=int, default=IMAGES_PER_PROMPT)
+    bench.add_argument("--mode", default="xcot", choices=MODES)
+    bench.add_argument("--cfg", type=float, default=5.0)
+    bench.add_argument("--out", type=Path, default=None)
+    bench.set_defaults(run=_evaluate_command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return report_user_errors(lambda: args.run(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,20 +1,23 @@
-"""training.dreambench_eval: the DreamBooth protocol on a fake DreamBench folder, a tiny model, tiny metric models."""
+"""training.dreambench: the converter to prompt records and its CLI; the DreamBooth protocol on a fake DreamBench
+folder, a tiny model, tiny metric models."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from mmr1.errors import InputError
 from mmr1.metadata import read_png_record
 from mmr1.rewards import load_reward_model, make_tiny_reward_checkpoint
-from training.dreambench_eval import DreamBenchResult, evaluate_dreambench, image_seed
+from tests.conftest import subject_image
+from training.data import main as data_main
+from training.dreambench import DreamBenchResult, dreambench_records, evaluate_dreambench, image_seed, main
 
 SUBJECTS = {"backpack": "backpack", "dog": "dog"}  # subject folder -> class; table order
 PHOTOS = 3
@@ -39,10 +42,14 @@ SMALL = {"prompts_per_subject": 2, "images_per_prompt": 2, "references": 2, "max
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _prompt_list(scenes: list[str]) -> str:
-    templates = [f"a {{0}} {{1}} {scene}" for scene in scenes] + [f"a {word} {{0}} {{1}}" for word in ATTRIBUTES]
+def _listing(templates: list[str]) -> str:
+    """A prompt list as prompts_and_classes.txt writes it."""
     lines = [f"'{template}'.format(unique_token, class_token)" for template in templates]
     return "prompt_list = [\n" + ",\n".join(lines) + "\n]\n"
+
+
+def _prompt_list(scenes: list[str]) -> str:
+    return _listing([f"a {{0}} {{1}} {scene}" for scene in scenes] + [f"a {word} {{0}} {{1}}" for word in ATTRIBUTES])
 
 
 def _photo(seed: int) -> Image.Image:
@@ -219,3 +226,91 @@ def test_user_errors_name_the_problem(tiny_model, bench, rewards, tmp_path) -> N
         evaluate(references=PHOTOS + 1, subjects=["dog"])
     with pytest.raises(InputError, match=re.escape(f"{tmp_path / 'file.txt'} is a file, not a folder")):
         evaluate(out_dir=tmp_path / "file.txt" / "images")
+
+
+def test_cli_evaluate_needs_a_metric_model(tmp_path, capsys) -> None:
+    assert main(["evaluate", str(tmp_path), "--model", str(tmp_path)]) == 2
+    assert "--dino" in capsys.readouterr().err
+
+
+# --- records: the converter ---------------------------------------------------------------------------------------
+RECORD_OBJECT_PROMPTS = ["a {0} {1} in the jungle", "a {0} {1} on top of pink fabric", "a red {0} {1}"]
+RECORD_LIVE_PROMPTS = ["a {0} {1} in the jungle", "a {0} {1} wearing a red hat", "a {0} {1} in a chef outfit",
+                       "a wet {0} {1}"]
+
+
+def _dreambench(root: Path, prompts: str | None = None) -> Path:
+    """DreamBench's layout in miniature: an object subject and a dog, and the prompt file in the real format."""
+    for subject, count in (("backpack", 5), ("dog", 4)):
+        (root / subject).mkdir(parents=True, exist_ok=True)
+        for index in range(count):
+            subject_image(size=(16, 16), colour=(index * 40, 0, 0)).save(root / subject / f"{index:02d}.jpg")
+    text = prompts or (
+        "Classes\n\nsubject_name,class\nbackpack,backpack\ndog,dog\n\nPrompts\n\n"
+        f"Object Prompts\n\n{_listing(RECORD_OBJECT_PROMPTS)}\n"
+        f"Live Subject Prompts\n\n{_listing(RECORD_LIVE_PROMPTS)}"
+    )
+    (root / "prompts_and_classes.txt").write_text(text)
+    return root
+
+
+def test_dreambench_gives_each_subject_its_prompt_list(tmp_path: Path) -> None:
+    records = dreambench_records(_dreambench(tmp_path), references_per_record=3)
+    assert len(records) == len(RECORD_OBJECT_PROMPTS) + len(RECORD_LIVE_PROMPTS)
+    backpack = [record for record in records if record.id.startswith("backpack-")]
+    dog = [record for record in records if record.id.startswith("dog-")]
+    assert [record.prompt for record in backpack] == [
+        "a backpack in the jungle", "a backpack on top of pink fabric", "a red backpack"
+    ]
+    assert [record.prompt for record in dog][1:3] == ["a dog wearing a red hat", "a dog in a chef outfit"]
+    assert [record.id for record in dog] == ["dog-00", "dog-01", "dog-02", "dog-03"]
+    for record in records:
+        assert record.subject == record.id.split("-")[0] and record.target is None and record.masks is None
+        assert len(set(record.references)) == 3
+        assert all(path.parent == tmp_path / record.id.split("-")[0] for path in record.references)
+
+
+def test_dreambench_reference_choice_depends_only_on_seed(tmp_path: Path) -> None:
+    root = _dreambench(tmp_path)
+    first = dreambench_records(root, seed=1)
+    assert dreambench_records(root, seed=1) == first
+    assert [record.references for record in dreambench_records(root, seed=2)] != [record.references for record in first]
+    dogs = [record for record in first if record.id.startswith("dog-")]
+    assert dreambench_records(root, seed=1, subjects=["dog"]) == dogs  # a subset picks the same photos
+
+
+def test_dreambench_unique_token(tmp_path: Path) -> None:
+    records = dreambench_records(_dreambench(tmp_path), unique_token="sks", subjects=["backpack"])
+    assert [record.prompt for record in records] == [
+        "a sks backpack in the jungle", "a sks backpack on top of pink fabric", "a red sks backpack"
+    ]
+
+
+def test_dreambench_errors(tmp_path: Path) -> None:
+    root = _dreambench(tmp_path / "a")
+    with pytest.raises(InputError, match="Unknown DreamBench subjects cat; known: backpack, dog"):
+        dreambench_records(root, subjects=["dog", "cat"])
+    with pytest.raises(InputError, match=r"fewer photos: dog \(4\)"):
+        dreambench_records(root, references_per_record=5)
+    no_live = "subject_name,class\ndog,dog\n\nObject Prompts\n'a {0} {1}'.format(unique_token, class_token)\n"
+    broken = _dreambench(tmp_path / "b", prompts=no_live)
+    prompts_file = broken / "prompts_and_classes.txt"
+    with pytest.raises(InputError, match=re.escape(f"{prompts_file} lacks the 'Live Subject Prompts' section")):
+        dreambench_records(broken)
+
+
+def test_cli_records_then_check(tmp_path: Path, capsys) -> None:
+    root = _dreambench(tmp_path / "bench")
+    out = tmp_path / "bench" / "grpo.jsonl"
+    options = ["--references", "2", "--unique-token", "sks", "--subjects", "dog", "--seed", "3"]
+    assert main(["records", str(root), str(out), *options]) == 0
+    assert "wrote 4 records (1 subjects)" in capsys.readouterr().out
+    first = json.loads(out.read_text().splitlines()[0])
+    assert first["prompt"] == "a sks dog in the jungle" and len(first["references"]) == 2
+    assert all(path.startswith("dog/") for path in first["references"])  # relative to the output's folder
+
+    assert data_main(["check", str(out)]) == 0
+    assert "4 records" in capsys.readouterr().out
+    assert data_main(["check", str(out), "--require", "target,reasoning"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error:") and "4 records lack 'target' (lines 1, 2, 3, 4)" in error

@@ -1,7 +1,7 @@
 """A procedural subject world: toy subjects made of attributes, drawn into small scenes that a prompt describes.
 
 It stands in for photos of "your dog" where no weights or datasets can be had: every image has its true labels,
-so a model trained here can be measured (training/judge.py reads the labels back from generated images).
+so a model trained here can be measured (judge.py reads the labels back from generated images).
 
 - A **subject** is (shape, body colour, pattern, pattern colour): 6 x 8 x 4 x 7 = 1,344 combinations. A fixed
   tenth of them (`HELD_OUT`, by seed) is never used for training; evaluation uses only those.
@@ -10,7 +10,7 @@ so a model trained here can be measured (training/judge.py reads the labels back
 
 Everything is deterministic by seed: `render(subject, scene, seed)` draws the same pixels on every machine.
 
-    python -m training.world dataset OUT_DIR --split train --records 4000 --references 2 --seed 0
+    python -m training.world.scenes dataset OUT_DIR --split train --records 4000 --references 2 --seed 0
 """
 
 from __future__ import annotations
@@ -361,7 +361,7 @@ def vocabulary() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.world", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m training.world.scenes", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     dataset = commands.add_parser("dataset", help="write images and records.jsonl for SFT (with targets) or GRPO")
     dataset.add_argument("out_dir", type=Path)

@@ -1,5 +1,6 @@
-"""The model that ships in mmr1/assets (trained by training.embedded): it fits the size budget, and the README's
-first command runs on it in seconds and draws the prompted scene, as read by the judge that ships beside it."""
+"""The model that ships in mmr1/assets (trained by training.world.pipeline): it fits the size budget, and the
+README's first command runs on it in seconds and draws the prompted scene, as read by the judge that ships beside
+it."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import mmr1.embedded as embedded
 from mmr1.cli import main
 from mmr1.images import pil_to_tensor
 from mmr1.xcot import parse_reasoning
-from training.embedded import demo_task
-from training.judge import load_judge
+from training.world.judge import load_judge
+from training.world.pipeline import demo_task
 
 ASSET_BUDGET_BYTES = 30 * 2**20
 

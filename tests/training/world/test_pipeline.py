@@ -1,4 +1,5 @@
-"""training.embedded: every stage of the embedded model's pipeline in miniature, resumable, then installed."""
+"""training.world.pipeline: every stage of the embedded model's pipeline in miniature, resumable, then installed;
+its recipes found in the package and checked before the first stage."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from training.config import ConfigError, build_config
-from training.embedded import DONE, EmbeddedConfig, Pipeline, install, world_corpus
+from training.world.pipeline import DONE, Pipeline, PipelineConfig, install, main, world_corpus
+from training.world.recipes import CONFIGS
 
 STAGES = ("components", "judge", "reward", "base", "data", "sft", "grpo", "eval")
 
@@ -16,7 +18,7 @@ STAGES = ("components", "judge", "reward", "base", "data", "sft", "grpo", "eval"
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("world")
-    config = EmbeddedConfig(
+    config = PipelineConfig(
         output_dir=tmp_path / "run", scenes=64, vq_steps=2, vq_full_steps=1, understanding_steps=2, judge_steps=2,
         reward_steps=2, sft_records=4, grpo_records=2, eval_tasks=1,
         sft_config=_strip_and_override(tmp_path, "sft.toml", {"steps": 2, "batch_size": 2, "save_every": 0}),
@@ -28,7 +30,7 @@ def finished_run(tmp_path_factory):
 
 def _strip_and_override(tmp_path: Path, name: str, values: dict) -> Path:
     """The shipped world recipe with some keys replaced (TOML forbids a key twice, so drop them first)."""
-    lines = (Path("training/configs/world") / name).read_text(encoding="utf-8").splitlines()
+    lines = (CONFIGS / name).read_text(encoding="utf-8").splitlines()
     kept = [line for line in lines if line.split(" = ")[0] not in values]
     path = tmp_path / name
     path.write_text("\n".join(kept + [f"{key} = {value}" for key, value in values.items()]) + "\n", encoding="utf-8")
@@ -57,7 +59,7 @@ def test_a_finished_stage_is_skipped_when_the_command_runs_again(finished_run, c
 def test_install_copies_model_reward_and_judge_which_load(finished_run, tmp_path):
     from mmr1.loading import load_model
     from mmr1.rewards import load_reward_model
-    from training.judge import load_judge
+    from training.world.judge import load_judge
 
     _, out = finished_run
     target = install(out, tmp_path / "assets")
@@ -79,4 +81,38 @@ def test_the_world_tokenizer_keeps_world_words_whole():
 
 def test_bad_pipeline_values_name_the_key():
     with pytest.raises(ConfigError, match="vq_full_steps"):
-        build_config(EmbeddedConfig, {"vq_steps": 10, "vq_full_steps": 11})
+        build_config(PipelineConfig, {"vq_steps": 10, "vq_full_steps": 11})
+
+
+def test_recipes_come_from_the_package_whatever_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no training/ here
+    out = tmp_path / "run"
+    pipeline = Pipeline(PipelineConfig(output_dir=out))
+    sft, grpo = pipeline.sft_recipe, pipeline.grpo_recipe
+    assert (sft.steps, sft.learning_rate, grpo.steps, grpo.cfg_scale) == (800, 1e-3, 60, 3.0)  # configs/*.toml
+    assert (sft.model, sft.data, sft.output_dir) == (out / "base", out / "data" / "sft" / "records.jsonl", out / "sft")
+    assert (grpo.model, grpo.output_dir) == (out / "sft" / "final", out / "grpo")
+    assert grpo.rewards == (f"clip_i={out / 'reward'}@1", f"clip_t={out / 'reward'}@1", "format@0.1")
+    # a path that is not a packaged name is the user's own file, from the working directory
+    (tmp_path / "mine.toml").write_text((CONFIGS / "sft.toml").read_text().replace("steps = 800", "steps = 5"))
+    assert Pipeline(PipelineConfig(output_dir=out, sft_config=Path("mine.toml"))).sft_recipe.steps == 5
+    with pytest.raises(ConfigError, match="missing.toml is neither a file of"):
+        Pipeline(PipelineConfig(output_dir=out, grpo_config=Path("missing.toml")))
+    assert not out.exists()  # nothing ran
+
+
+@pytest.mark.parametrize("name, values, message", [
+    ("sft.toml", {"stpes": 2}, "unknown key.*stpes"),
+    ("sft.toml", {"batch_size": '"16"'}, "batch_size"),
+    ("grpo.toml", {"num_generations": 1}, "num_generations"),
+    ("grpo.toml", {"rewards": '["clip_j={reward}@1"]'}, "unknown kind 'clip_j'"),
+    ("grpo.toml", {"rewards": '["bluenes@1"]'}, "Unknown reward 'bluenes'"),
+])
+def test_a_bad_recipe_fails_in_seconds_before_the_first_stage(tmp_path, capsys, name, values, message):
+    bad = _strip_and_override(tmp_path, name, values)
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=message):
+        Pipeline(PipelineConfig(output_dir=out, **{name.replace(".toml", "_config"): bad}))
+    assert main(["--output_dir", str(out), f"--{name.replace('.toml', '_config')}", str(bad)]) == 2
+    assert str(bad) in capsys.readouterr().err
+    assert not out.exists()  # no stage started

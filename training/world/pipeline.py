@@ -1,19 +1,23 @@
 """The embedded model, end to end: train every part of a tiny Janus on the procedural subject world.
 
-    python -m training.embedded --config training/configs/world/pipeline.toml [--output_dir runs/world] [--install]
+    python -m training.world.pipeline [--install] [--output_dir runs/world] [--config FILE] [--key value ...]
+
+Without --config it runs the values of training/world/configs/pipeline.toml. The SFT and GRPO recipes it runs
+(`sft_config`, `grpo_config`) are read and checked before the first stage, so a bad key fails in seconds; a
+relative name is a file of training/world/configs/ when there is one, so the command runs from any folder.
 
 Stages, each written under `output_dir` and skipped when already complete (a killed run picks up where it
 stopped; SFT and GRPO also resume inside their stage):
 
-1. `components/`: the VQ tokenizer and the understanding encoder (training/vq.py, training/understanding.py);
-2. `judge/`: the evaluation-only attribute classifier (training/judge.py);
-3. `reward/`: the CLIP-style reward model (training/clip_reward.py);
+1. `components/`: the VQ tokenizer and the understanding encoder (vq.py, understanding.py);
+2. `judge/`: the evaluation-only attribute classifier (judge.py);
+3. `reward/`: the CLIP-style reward model (clip_reward.py);
 4. `base/`: a Janus folder (transformers classes, world tokenizer) holding the trained VQ and encoder;
 5. `data/`: SFT records (with targets and reasoning) and GRPO prompt records, from training subjects only;
-6. `sft/`, `grpo/`: the recipes of training/configs/world/{sft,grpo}.toml;
-7. `eval/`: `python -m training.evaluate` on the held-out subjects.
+6. `sft/`, `grpo/`: the recipes of configs/{sft,grpo}.toml;
+7. `eval/`: `python -m training.world.evaluate` on the held-out subjects.
 
-`--install` copies the GRPO model, the reward model and the judge into `mmr1/embedded/`, where
+`--install` copies the GRPO model, the reward model and the judge into `mmr1/assets/`, where
 `python -m mmr1 demo` and the Load MMR1 Model node find them.
 """
 
@@ -28,11 +32,13 @@ from pathlib import Path
 import torch
 
 from mmr1.embedded import ASSETS_DIR, JUDGE_NAME, MODEL_NAME, REWARD_NAME
+from mmr1.errors import InputError
 from mmr1.prompting import GROUNDING_INSTRUCTION
 from mmr1.tiny import TOKENIZER_CORPUS, TinySpec
 
-from .config import ConfigError, build_config, knob, read_toml, recipe_main
-from .world import TRAIN_SUBJECTS, labelled_scenes, sample_example, write_dataset
+from ..config import ConfigError, build_config, knob, read_toml, recipe_main
+from .recipes import CONFIGS
+from .scenes import TRAIN_SUBJECTS, labelled_scenes, sample_example, write_dataset
 
 WORLD_SPEC = TinySpec(
     hidden_size=192,
@@ -53,12 +59,11 @@ WORLD_SPEC = TinySpec(
     vq_latent_channels=32,
     initializer_range=0.02,
 )
-CONFIGS = Path("training/configs/world")  # relative to the repository root, where the command runs
 DONE = "stage.json"
 
 
 @dataclass(frozen=True)
-class EmbeddedConfig:
+class PipelineConfig:
     output_dir: Path = knob(Path("runs/world"), "every stage's output goes under this folder")
     seed: int = knob(0, "seed of every stage")
     scenes: int = knob(6000, "rendered training scenes for the VQ, encoder, judge and reward model")
@@ -70,9 +75,11 @@ class EmbeddedConfig:
     reward_steps: int = knob(600, "reward model steps (batches of 64)")
     sft_records: int = knob(3000, "SFT records (training subjects, two references each)")
     grpo_records: int = knob(400, "GRPO prompt records (training subjects)")
-    sft_config: Path = knob(CONFIGS / "sft.toml", "SFT recipe; model, data and output_dir are set by the pipeline")
-    grpo_config: Path = knob(CONFIGS / "grpo.toml", "GRPO recipe; model, data, rewards and output_dir are set here")
-    evaluate: bool = knob(True, "run python -m training.evaluate on the held-out subjects at the end")
+    sft_config: Path = knob(Path("sft.toml"), "SFT recipe (a file of training/world/configs/ by name, else a path); "
+                                              "model, data and output_dir are set by the pipeline")
+    grpo_config: Path = knob(Path("grpo.toml"), "GRPO recipe (found as sft_config is); model, data and output_dir "
+                                                "are set by the pipeline, {reward} in rewards is its reward model")
+    evaluate: bool = knob(True, "run python -m training.world.evaluate on the held-out subjects at the end")
     eval_tasks: int = knob(60, "held-out tasks (subject, references, target scene) the evaluation draws")
 
     def __post_init__(self) -> None:
@@ -91,13 +98,42 @@ def world_corpus() -> str:
     return "\n".join(lines)
 
 
+def recipe_file(name: Path) -> Path:
+    """A recipe the pipeline config names: the file of training/world/configs/ by that name, else the path as given."""
+    for candidate in (CONFIGS / name, Path(name)):  # CONFIGS / an absolute path is that path
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"recipe {name} is neither a file of {CONFIGS} nor a file from {Path.cwd()}")
+
+
 class Pipeline:
     """Runs the stages in order; a stage whose folder holds `stage.json` is done and skipped."""
 
-    def __init__(self, config: EmbeddedConfig) -> None:
+    def __init__(self, config: PipelineConfig) -> None:
         self.config = config
         self.out = config.output_dir
         self._scenes = None
+        # read and checked before any stage runs: a bad recipe key fails now, not after an hour of stages
+        self.sft_recipe, self.grpo_recipe = self.recipes()
+
+    def recipes(self):
+        """(SFTConfig, GRPOConfig) that the sft and grpo stages run: their TOML files with the pipeline's paths."""
+        from ..grpo import GRPOConfig
+        from ..rewards import parse_spec
+        from ..sft import SFTConfig
+
+        sft = self._recipe(SFTConfig, self.config.sft_config, model=self.out / "base",
+                           data=self.out / "data" / "sft" / "records.jsonl", output_dir=self.out / "sft")
+        grpo = self._recipe(GRPOConfig, self.config.grpo_config, model=self.out / "sft" / "final",
+                            data=self.out / "data" / "grpo" / "records.jsonl", output_dir=self.out / "grpo")
+        reward = self.out / "reward"
+        grpo = replace(grpo, rewards=tuple(spec.replace("{reward}", str(reward)) for spec in grpo.rewards))
+        for spec in grpo.rewards:  # the syntax only: the reward folder exists once its stage has run
+            try:
+                parse_spec(spec)
+            except InputError as error:
+                raise ConfigError(f"{recipe_file(self.config.grpo_config)}: {error}") from error
+        return sft, grpo
 
     def stage(self, name: str, work) -> Path:
         folder = self.out / name
@@ -147,7 +183,7 @@ class Pipeline:
                   # the ceiling of any generator drawing through this VQ:
                   "heldout_vq_reconstructions": attribute_accuracy(
                       judge, reconstructed_images(self._trained_vq(), held_out.images), held_out.truths())}
-        save_judge(judge, folder, {"trained_on": "training/world.py renders (training subjects)", **record})
+        save_judge(judge, folder, {"trained_on": "training/world/scenes.py renders (training subjects)", **record})
         return record
 
     def _trained_vq(self):
@@ -187,20 +223,14 @@ class Pipeline:
         return {"sft": str(sft), "grpo": str(grpo)}
 
     def sft(self, folder: Path) -> dict:
-        from .sft import SFTConfig, train
+        from ..sft import train
 
-        config = self._recipe(SFTConfig, self.config.sft_config, model=self.out / "base",
-                              data=self.out / "data" / "sft" / "records.jsonl", output_dir=folder)
-        return {"final": str(train(config))}
+        return {"final": str(train(self.sft_recipe))}
 
     def grpo(self, folder: Path) -> dict:
-        from .grpo import GRPOConfig, train
+        from ..grpo import train
 
-        reward = self.out / "reward"
-        config = self._recipe(GRPOConfig, self.config.grpo_config, model=self.out / "sft" / "final",
-                              data=self.out / "data" / "grpo" / "records.jsonl", output_dir=folder)
-        config = replace(config, rewards=tuple(spec.replace("{reward}", str(reward)) for spec in config.rewards))
-        return {"final": str(train(config))}
+        return {"final": str(train(self.grpo_recipe))}
 
     def evaluation(self, folder: Path) -> dict:
         from .evaluate import evaluate_world
@@ -212,7 +242,8 @@ class Pipeline:
         return report
 
     @staticmethod
-    def _recipe(cls, path: Path, **paths):
+    def _recipe(cls, name: Path, **paths):
+        path = recipe_file(name)
         return build_config(cls, {**read_toml(path), **paths}, str(path))
 
     def run(self) -> Path:
@@ -259,7 +290,7 @@ def install(out: Path, target: Path = ASSETS_DIR) -> Path:
         image.save(demo / names[-1])
     (demo / "demo.json").write_text(json.dumps({
         "references": names, "prompt": task.prompt, "subject": task.subject.description(),
-        "note": "a held-out subject of training/world.py: the embedded model never saw it in training",
+        "note": "a held-out subject of training/world/scenes.py: the embedded model never saw it in training",
     }, indent=2) + "\n", encoding="utf-8")
     return target
 
@@ -272,11 +303,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--install", action="store_true")
     known, rest = parser.parse_known_args(argv if argv is not None else sys.argv[1:])
 
-    def train(config: EmbeddedConfig) -> Path:
+    def train(config: PipelineConfig) -> Path:
         out = Pipeline(config).run()
         return install(out) if known.install else out
 
-    return recipe_main(EmbeddedConfig, __doc__.split("\n\n")[0] + " (--install copies the result into mmr1/embedded)",
+    return recipe_main(PipelineConfig, __doc__.split("\n\n")[0] + " (--install copies the result into mmr1/assets)",
                        train, rest)
 
 

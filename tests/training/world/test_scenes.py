@@ -11,7 +11,7 @@ import pytest
 from mmr1.errors import InputError
 from mmr1.xcot import parse_reasoning
 from training.data import read_records
-from training.world import (
+from training.world.scenes import (
     ATTRIBUTE_VALUES,
     ATTRIBUTES,
     HELD_OUT_SUBJECTS,

@@ -15,7 +15,7 @@ from torch import nn
 from mmr1.tiny import TinySpec, build_vision_config
 
 from .fit import batch_indices, fit, to_pixels
-from .world import ATTRIBUTE_VALUES, ATTRIBUTES
+from .scenes import ATTRIBUTE_VALUES, ATTRIBUTES
 
 
 def train_understanding_encoder(

@@ -18,7 +18,7 @@ from torch import nn
 from mmr1.errors import InputError
 
 from .fit import batch_indices, fit, to_pixels
-from .world import ATTRIBUTE_VALUES, ATTRIBUTES, IMAGE_SIZE
+from .scenes import ATTRIBUTE_VALUES, ATTRIBUTES, IMAGE_SIZE, SCENE_ATTRIBUTES, SUBJECT_ATTRIBUTES
 
 WEIGHTS_FILE = "judge.safetensors"
 CONFIG_FILE = "judge.json"
@@ -90,8 +90,6 @@ def train_judge(images, labels, steps: int, batch_size: int = 64, learning_rate:
 @torch.no_grad()
 def attribute_accuracy(judge: AttributeJudge, images: torch.Tensor, truths: list[dict[str, str]]) -> dict[str, float]:
     """Fraction right per attribute, plus 'subject' and 'prompt': means over the subject and scene attributes."""
-    from .world import SCENE_ATTRIBUTES, SUBJECT_ATTRIBUTES
-
     predictions = []
     for start in range(0, len(images), 256):
         predictions += judge.predict(images[start : start + 256])
@@ -119,7 +117,7 @@ def load_judge(folder: Path) -> AttributeJudge:
     folder = Path(folder)
     if not (folder / WEIGHTS_FILE).is_file() or not (folder / CONFIG_FILE).is_file():
         raise InputError(f"No judge in {folder}: expected {WEIGHTS_FILE} and {CONFIG_FILE} "
-                         "(python -m training.embedded writes one).")
+                         "(python -m training.world.pipeline writes one).")
     config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
     if config["attributes"] != {name: list(ATTRIBUTE_VALUES[name]) for name in ATTRIBUTES}:
         raise InputError(f"The judge in {folder} was trained on another version of the world's attributes.")

@@ -1,17 +1,15 @@
-"""Measure personalization: the procedural world's held-out subjects with a judge, or DreamBench's protocol.
+"""Measure personalization on the procedural world's held-out subjects, read back by the judge.
 
-    # held-out world subjects: (a) prompt alone, (b) references without reasoning, (c) X-CoT, (d) X-CoT after GRPO
-    python -m training.evaluate world --sft runs/world/sft/final --grpo runs/world/grpo/final \\
+    # (a) prompt alone, (b) references without reasoning, (c) X-CoT, (d) X-CoT after GRPO
+    python -m training.world.evaluate --sft runs/world/sft/final --grpo runs/world/grpo/final \\
         --reward runs/world/reward --judge runs/world/judge --tasks 60 --out runs/world/eval
-    # DreamBench (30 subjects x 25 prompts x N images; DINO, CLIP-I, CLIP-T) for any local model and reward folders
-    python -m training.evaluate dreambench ../shared/dreambench --model models/mmr1/Janus-Pro-7B \\
-        --dino models/mmr1_rewards/dino-vits16 --clip models/mmr1_rewards/clip-vit-l-14 --out runs/dreambench
 
-The world evaluation draws `tasks` held-out tasks (a subject never trained on, two references in other scenes,
-a target scene in the prompt). The judge (training/judge.py, never a reward) reads each generated image back:
-subject attribute accuracy is the mean over shape, colour, pattern and pattern colour; prompt attribute accuracy
-the mean over background, position and size. The reward model's CLIP-I (to the references) and CLIP-T (to the
-prompt) are reported beside. It writes `report.md`, `report.json` and `contact_sheet.png`.
+It draws `tasks` held-out tasks (a subject never trained on, two references in other scenes, a target scene in
+the prompt), each condition generated as DreamBench's evaluation does (training.dreambench.generate_in_mode).
+The judge (judge.py, never a reward) reads each generated image back: subject attribute accuracy is the mean over
+shape, colour, pattern and pattern colour; prompt attribute accuracy the mean over background, position and size.
+The reward model's CLIP-I (to the references) and CLIP-T (to the prompt) are reported beside. It writes
+`report.md`, `report.json` and `contact_sheet.png`.
 """
 
 from __future__ import annotations
@@ -24,11 +22,11 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from mmr1.errors import InputError, report_user_errors
+from mmr1.errors import report_user_errors
 from mmr1.sampling import SamplingSettings
 from mmr1.xcot import parse_reasoning
 
-from .world import HELD_OUT_SUBJECTS, SUBJECT_ATTRIBUTES, Example, sample_example
+from .scenes import HELD_OUT_SUBJECTS, SUBJECT_ATTRIBUTES, Example, sample_example
 
 CONDITIONS = (  # (name, model key, mode)
     ("(a) prompt alone", "sft", "prompt"),
@@ -64,7 +62,7 @@ def evaluate_world(
     from mmr1.loading import load_model
     from mmr1.rewards import load_reward_model
 
-    from .dreambench_eval import generate_in_mode
+    from ..dreambench import generate_in_mode
     from .judge import attribute_accuracy, load_judge
 
     examples = held_out_tasks(tasks, seed)
@@ -135,68 +133,25 @@ def contact_sheet(examples: list[Example], columns: dict[str, list[Image.Image]]
     return sheet
 
 
-def _world_command(args: argparse.Namespace) -> int:
+def _command(args: argparse.Namespace) -> int:
     report = evaluate_world({"sft": args.sft, "grpo": args.grpo}, args.reward, args.judge, args.tasks, args.seed,
                             args.out, SamplingSettings(cfg_scale=args.cfg))
     print(markdown(report))
     return 0
 
 
-def _dreambench_command(args: argparse.Namespace) -> int:
-    from mmr1.loading import load_model
-    from mmr1.rewards import load_reward_model
-
-    from .dreambench_eval import evaluate_dreambench
-
-    rewards = {}
-    if args.dino:
-        rewards["dino"] = load_reward_model("dino", args.dino)
-    if args.clip:
-        rewards.update({kind: load_reward_model(kind, args.clip) for kind in ("clip_i", "clip_t")})
-    if not rewards:
-        raise InputError("Give --dino and/or --clip reward folders: DreamBench scores need them.")
-    result = evaluate_dreambench(
-        load_model(args.model), args.root, rewards,
-        subjects=args.subjects.split(",") if args.subjects else None, prompts_per_subject=args.prompts,
-        images_per_prompt=args.images_per_prompt, references=args.references, seed=args.seed,
-        settings=SamplingSettings(cfg_scale=args.cfg), mode=args.mode, out_dir=args.out)
-    table = result.markdown()
-    if args.out is not None:
-        (args.out / "dreambench.md").write_text(table, encoding="utf-8")
-        (args.out / "dreambench.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
-    print(table)
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    world = commands.add_parser("world", help="held-out world subjects, judged")
-    world.add_argument("--sft", type=Path, default=Path("runs/world/sft/final"), help="model after SFT: (a)-(c)")
-    world.add_argument("--grpo", type=Path, default=Path("runs/world/grpo/final"), help="model after GRPO: (d)")
-    world.add_argument("--reward", type=Path, default=Path("runs/world/reward"), help="CLIP-style reward folder")
-    world.add_argument("--judge", type=Path, default=Path("runs/world/judge"), help="judge folder")
-    world.add_argument("--tasks", type=int, default=60)
-    world.add_argument("--cfg", type=float, default=3.0)
-    world.add_argument("--seed", type=int, default=0)
-    world.add_argument("--out", type=Path, default=None)
-    world.set_defaults(run=_world_command)
-    bench = commands.add_parser("dreambench", help="DreamBench protocol: DINO, CLIP-I, CLIP-T")
-    bench.add_argument("root", type=Path, help="folder with <subject>/*.jpg and prompts_and_classes.txt")
-    bench.add_argument("--model", type=Path, required=True)
-    bench.add_argument("--dino", type=Path, help="DINO ViT-S/16 folder (vit)")
-    bench.add_argument("--clip", type=Path, help="CLIP folder, for CLIP-I and CLIP-T")
-    bench.add_argument("--subjects", help="comma-separated subset (default: all 30)")
-    bench.add_argument("--prompts", type=int, default=None, help="prompts per subject (default: all 25)")
-    bench.add_argument("--images-per-prompt", type=int, default=4)
-    bench.add_argument("--references", type=int, default=3)
-    bench.add_argument("--mode", default="xcot", choices=("xcot", "references", "prompt"))
-    bench.add_argument("--cfg", type=float, default=5.0)
-    bench.add_argument("--seed", type=int, default=0)
-    bench.add_argument("--out", type=Path, default=None)
-    bench.set_defaults(run=_dreambench_command)
+    parser = argparse.ArgumentParser(prog="python -m training.world.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sft", type=Path, default=Path("runs/world/sft/final"), help="model after SFT: (a)-(c)")
+    parser.add_argument("--grpo", type=Path, default=Path("runs/world/grpo/final"), help="model after GRPO: (d)")
+    parser.add_argument("--reward", type=Path, default=Path("runs/world/reward"), help="CLIP-style reward folder")
+    parser.add_argument("--judge", type=Path, default=Path("runs/world/judge"), help="judge folder")
+    parser.add_argument("--tasks", type=int, default=60)
+    parser.add_argument("--cfg", type=float, default=3.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    return report_user_errors(lambda: args.run(args))
+    return report_user_errors(lambda: _command(args))
 
 
 if __name__ == "__main__":

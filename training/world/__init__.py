@@ -1,0 +1,10 @@
+"""The embedded world model: a procedural subject world and everything that trains and measures a tiny Janus on it.
+
+- `scenes`: subjects, scenes, renders, tasks and datasets (`python -m training.world.scenes dataset ...`);
+- `vq`, `understanding`, `judge`, `clip_reward`: the component trainers, on `fit`'s shared loop;
+- `pipeline`: every stage in one command (`python -m training.world.pipeline [--install]`);
+- `evaluate`: the held-out report (`python -m training.world.evaluate`);
+- `recipes`: the templates of `configs/` (`python -m training.world.recipes` rewrites them).
+
+It builds on the general kit (training.config, data, sft, grpo, dreambench); the kit never imports it.
+"""
