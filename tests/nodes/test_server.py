@@ -112,8 +112,11 @@ def test_same_seed_same_images_and_the_model_is_reused(comfy):
     assert "1" not in status_messages(again, "execution_cached")[0]["nodes"]
     first_images, again_images = images_of(comfy, first, "5"), images_of(comfy, again, "5")
     assert all(np.array_equal(a, b) for a, b in zip(first_images, again_images))
-    # Image 0 of a batch equals a batch of one with the same seed.
-    assert np.array_equal(images_of(comfy, second, "5")[0], first_images[0])
+    # Image 0 of a batch is the image of a batch of one with the same seed. In the server on a 2-core AMD EPYC
+    # the two differ by kernel rounding that depends on the batch (at 0aa0a0a too; the same call through
+    # mmr1.generation.generate is bit-identical there); another seed or image would differ by tens of levels.
+    alone, batched = images_of(comfy, second, "5")[0].astype(int), first_images[0].astype(int)
+    assert np.abs(alone - batched).mean() < 2.0
     assert third["status"]["status_str"] == "success"
 
 
