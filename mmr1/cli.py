@@ -7,7 +7,9 @@ from pathlib import Path
 
 from .embedded import MODEL_NAME
 from .errors import InputError, report_user_errors
+from .xcot import SUBJECT_SOURCES
 
+SUBJECT_FILE = "subject.png"  # the visual intermediate, beside the images
 DEMO_CFG = 3.0  # what the embedded model was evaluated with (training/world/evaluate.py)
 DEFAULTS = {"cfg": 5.0, "temperature": 1.0, "ground_temperature": 0.7, "ground_top_p": 0.95, "max_new_tokens": 256}
 
@@ -35,8 +37,9 @@ def _add_grounding_options(parser: argparse.ArgumentParser, required: bool, demo
     parser.add_argument("--ground-temperature", type=float, default=DEFAULTS["ground_temperature"],
                         help="temperature of the reasoning text (0: greedy)")
     parser.add_argument("--ground-top-p", type=float, default=DEFAULTS["ground_top_p"], help="top-p of the reasoning text")
-    parser.add_argument("--subject", default="reference", choices=("reference", "none"),
-                        help="visual intermediate: the first reference as VQ tokens, or none")
+    parser.add_argument("--subject", default="reference", choices=SUBJECT_SOURCES,
+                        help="visual intermediate: the first reference as VQ tokens (reference), none, or the "
+                        "subject drawn by the model after its reasoning (generate); written as subject.png")
     parser.add_argument("--seed", type=int, default=0, help="seed; image i of a batch uses seed + i")
 
 
@@ -178,8 +181,8 @@ def _open_images(paths: list[Path], what: str) -> list:
     return images
 
 
-def _ground(args: argparse.Namespace, mm):
-    from .xcot import ground
+def _ground(args: argparse.Namespace, mm, subject_settings=None):
+    from .xcot import SUBJECT_SETTINGS, ground
 
     bar = _TokenBar("grounding")
     try:
@@ -194,6 +197,7 @@ def _ground(args: argparse.Namespace, mm):
             seed=args.seed,
             subject_source=args.subject,
             progress=bar,
+            subject_settings=subject_settings or SUBJECT_SETTINGS,
         )
     finally:
         bar.close()
@@ -228,6 +232,7 @@ def _ground_command(args: argparse.Namespace) -> int:
 
 def _generate_command(args: argparse.Namespace) -> int:
     from .generation import generate
+    from .images import tensor_to_pil
     from .metadata import dumps, save_png
     from .sampling import SamplingSettings
 
@@ -239,7 +244,7 @@ def _generate_command(args: argparse.Namespace) -> int:
         reasoning = _read_text(args.reasoning_file, "reasoning file")
     _check_output_folder(args.out)
     mm = _load(args)
-    grounding = _ground(args, mm) if args.ref else None
+    grounding = _ground(args, mm, settings) if args.ref else None
     bar = _TokenBar("image tokens")
     try:
         result = generate(mm, args.prompt, grounding, reasoning, args.num_images, settings, args.seed, progress=bar)
@@ -260,10 +265,16 @@ def _generate_command(args: argparse.Namespace) -> int:
         "dtype": str(mm.dtype).replace("torch.", ""),
         "device": mm.device.type,
     }
+    if result.subject_image is not None:
+        record["subject_image"] = SUBJECT_FILE
+        save_png(tensor_to_pil(result.subject_image[0]), args.out / SUBJECT_FILE, record)
     for image, name, seed in zip(result.pil_images(), files, result.seeds):
         save_png(image, args.out / name, {**record, "image_seed": seed})
     (args.out / "mmr1_generation.json").write_text(dumps(record) + "\n", encoding="utf-8")
-    print(f"wrote {len(files)} images and mmr1_generation.json to {args.out}")
+    written = [args.out / name for name in files] + ([args.out / SUBJECT_FILE] if "subject_image" in record else [])
+    print("wrote " + ", ".join(str(path) for path in written) + f" and {args.out / 'mmr1_generation.json'}")
+    if result.reasoning:
+        print(f"reasoning: {result.reasoning}")
     return 0
 
 
@@ -278,7 +289,8 @@ def _demo_command(args: argparse.Namespace) -> int:
     status = _generate_command(args)
     for index, path in enumerate(references):
         shutil.copyfile(path, args.out / f"reference-{index + 1}.png")
-    print(f"prompt: {args.prompt}\nreferences copied to {args.out} as reference-N.png")
+    print(f"prompt: {args.prompt}\nreferences: " + ", ".join(str(args.out / f"reference-{index + 1}.png")
+                                                     for index in range(len(references))))
     return status
 
 

@@ -20,6 +20,7 @@ class GenerationResult:
     logprobs: torch.Tensor | None  # [B, num_image_tokens] fp32, when asked for
     seeds: list[int]  # image i was drawn with seeds[i]
     reasoning: str | None  # the reasoning the images were conditioned on
+    subject_image: torch.Tensor | None = None  # [1, H, W, 3] the visual intermediate they attended to, if any
 
     def pil_images(self) -> list[Image.Image]:
         array = (self.images.clamp(0, 1).numpy() * 255.0 + 0.5).astype("uint8")
@@ -60,17 +61,53 @@ def generate(
     if num_images < 1:
         raise InputError(f"num_images must be at least 1, got {num_images}.")
     sequence = generation_sequence(mm, prompt, grounding, reasoning)
-    check_fits(mm, sequence, mm.num_image_tokens)
-    conditional = embed_sequence(mm, sequence)
-    unconditional = embed_sequence(mm, sequence, unconditional=True) if settings.guided else None
+    result = _sample_images(mm, [sequence] * num_images, settings, seed, use_cache, return_logprobs, progress,
+                            cancel, synced)
+    result.reasoning = None if grounding is None and not reasoning else (
+        grounding.reasoning if reasoning is None else reasoning)
+    result.subject_image = None if grounding is None else grounding.subject_image
+    return result
+
+
+@torch.no_grad()
+def generate_chains(
+    mm,
+    prompts: list[str],
+    groundings: list[Grounding | None],
+    reasonings: list[str | None] | None = None,
+    settings: SamplingSettings = SamplingSettings(),
+    seed: int = 0,
+    progress: ProgressCallback | None = None,
+    cancel: CancelCheck | None = None,
+) -> GenerationResult:
+    """One image for each of several chains (prompt, grounding, reasoning override) in one batch; image i uses
+    seed + i, as `generate` of chain i alone with seed + i would. For evaluations over many subjects."""
+    reasonings = reasonings if reasonings is not None else [None] * len(prompts)
+    if not len(prompts) == len(groundings) == len(reasonings) or not prompts:
+        raise InputError("generate_chains needs as many groundings and reasonings as prompts, and at least one.")
+    sequences = [generation_sequence(mm, *chain) for chain in zip(prompts, groundings, reasonings)]
+    return _sample_images(mm, sequences, settings, seed, progress=progress, cancel=cancel)
+
+
+def _sample_images(mm, sequences: list[PromptSequence], settings: SamplingSettings, seed: int, use_cache: bool = True,
+                   return_logprobs: bool = False, progress: ProgressCallback | None = None,
+                   cancel: CancelCheck | None = None, synced: bool = False) -> GenerationResult:
+    """Image tokens after each sequence (row i seeded seed + i), decoded; a sequence repeated is embedded once."""
+    embedded: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    for sequence in sequences:
+        if id(sequence) not in embedded:
+            check_fits(mm, sequence, mm.num_image_tokens)
+            embedded[id(sequence)] = (embed_sequence(mm, sequence), embed_sequence(mm, sequence, unconditional=True)
+                                      if settings.guided else None)
+    rows = [embedded[id(sequence)] for sequence in sequences]
     sampled = sample_tokens(
         mm,
-        batch_prefix(mm, [conditional] * num_images),
+        batch_prefix(mm, [conditional for conditional, _ in rows]),
         Modality.image(mm),
         mm.num_image_tokens,
         settings,
         seed,
-        unconditional=batch_prefix(mm, [unconditional] * num_images) if settings.guided else None,
+        unconditional=batch_prefix(mm, [unconditional for _, unconditional in rows]) if settings.guided else None,
         use_cache=use_cache,
         return_logprobs=return_logprobs,
         progress=progress,
@@ -81,6 +118,6 @@ def generate(
         images=mm.decode_image_tokens(sampled.tokens),
         tokens=sampled.tokens.cpu(),
         logprobs=None if sampled.logprobs is None else sampled.logprobs.cpu(),
-        seeds=[seed + index for index in range(num_images)],
-        reasoning=None if grounding is None and not reasoning else (grounding.reasoning if reasoning is None else reasoning),
+        seeds=[seed + index for index in range(len(sequences))],
+        reasoning=None,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io, ui
 
+from ..mmr1.xcot import SUBJECT_SOURCES
 from .runtime import TokenProgress, use_models
 from .types import CATEGORY, MMR1Model, MMR1Subject
 
@@ -20,7 +21,8 @@ class SubjectGroundingXCoT(io.ComfyNode):
             category=CATEGORY,
             description=(
                 "The model reads the reference photos and writes what defines the subject and a plan for the "
-                "scene (visible, editable reasoning), then encodes the subject as image tokens for generation."
+                "scene (visible, editable reasoning), then produces the subject as an image (drawn by the model, "
+                "or the reference crop), the visual intermediate that generation attends to."
             ),
             inputs=[
                 MMR1Model.Input("mmr1_model"),
@@ -35,14 +37,18 @@ class SubjectGroundingXCoT(io.ComfyNode):
                 io.Float.Input("temperature", default=0.7, min=0.0, max=2.0, step=0.05,
                                tooltip="Reasoning temperature; 0 is greedy."),
                 io.Int.Input("seed", default=0, min=0, max=SEED_MAX, control_after_generate=True),
-                io.Combo.Input("subject_tokens", options=["reference", "none"], default="reference",
+                io.Combo.Input("subject_tokens", options=list(SUBJECT_SOURCES), default="reference",
                                tooltip="reference: the first (cropped) reference as VQ tokens, the visual "
-                               "intermediate generation attends to; none: text reasoning only."),
+                               "intermediate generation attends to; none: text reasoning only; generate: the "
+                               "model draws the subject alone after its reasoning (MM-R1's X-CoT)."),
             ],
             outputs=[
                 MMR1Subject.Output(display_name="subject"),
                 io.String.Output(display_name="reasoning"),
                 io.String.Output(display_name="rewritten_prompt"),
+                io.Image.Output(display_name="subject_image", tooltip="The visual intermediate: the drawn subject "
+                                "(generate), the reference crop (reference), black for none. Feed an edit of it "
+                                "to Personalized Generate's subject_image to swap it."),
             ],
             hidden=[io.Hidden.unique_id],
         )
@@ -57,9 +63,11 @@ class SubjectGroundingXCoT(io.ComfyNode):
                 mm, reference_images, prompt, masks=masks, max_new_tokens=max_new_tokens, temperature=temperature,
                 seed=seed, subject_source=subject_tokens, progress=TokenProgress(cls.hidden.unique_id),
             )
-        return io.NodeOutput(
-            grounding, grounding.reasoning, grounding.rewritten_prompt, ui=ui.PreviewText(grounding.reasoning)
-        )
+            subject_image = grounding.subject_image
+            if subject_image is None:
+                subject_image = torch.zeros(1, mm.image_size, mm.image_size, 3)
+        return io.NodeOutput(grounding, grounding.reasoning, grounding.rewritten_prompt, subject_image,
+                             ui=ui.PreviewText(grounding.reasoning))
 
 
 class PersonalizedGenerate(io.ComfyNode):
@@ -88,6 +96,9 @@ class PersonalizedGenerate(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=SEED_MAX, control_after_generate=True,
                              tooltip="Image i of the batch uses seed + i."),
                 io.Int.Input("batch_size", default=1, min=1, max=64),
+                io.Image.Input("subject_image", optional=True,
+                               tooltip="Optional: a subject image to attend to instead of the subject's own "
+                               "intermediate (its first image is VQ-encoded); needs a connected subject."),
             ],
             outputs=[io.Image.Output(display_name="images")],
             hidden=[io.Hidden.unique_id],
@@ -95,7 +106,8 @@ class PersonalizedGenerate(io.ComfyNode):
 
     @classmethod
     def execute(cls, mmr1_model, prompt: str, cfg: float, temperature: float, top_k: int, top_p: float, seed: int,
-                batch_size: int, subject=None, reasoning: str | None = None) -> io.NodeOutput:
+                batch_size: int, subject=None, reasoning: str | None = None,
+                subject_image: torch.Tensor | None = None) -> io.NodeOutput:
         from ..mmr1.errors import InputError
         from ..mmr1.generation import generate
         from ..mmr1.sampling import SamplingSettings
@@ -103,8 +115,12 @@ class PersonalizedGenerate(io.ComfyNode):
         prompt = prompt if prompt.strip() or subject is None else subject.prompt
         if not prompt.strip():
             raise InputError("The prompt is empty; describe the image to generate (or connect a subject).")
+        if subject_image is not None and subject is None:
+            raise InputError("subject_image replaces a subject's visual intermediate; connect the subject too.")
         settings = SamplingSettings(cfg_scale=cfg, temperature=temperature, top_k=top_k, top_p=top_p)
         with use_models(mmr1_model) as (mm,):
+            if subject_image is not None:
+                subject = subject.with_subject_image(mm, subject_image)
             progress = TokenProgress(
                 cls.hidden.unique_id, preview=lambda tokens: _preview(mm, tokens), preview_every=mm.image_grid
             )

@@ -3,7 +3,7 @@
 Format: UTF-8 text, one JSON object per line (blank lines are skipped), for example
 
     {"references": ["subj/00.jpg", "subj/01.jpg"], "masks": ["subj/00_mask.png", null], "prompt": "a dog on the beach",
-     "target": "subj/03.jpg", "reasoning": "<think>..</think><subject>..</subject><scene>..</scene>",
+     "target": "subj/03.jpg", "subject_image": "subj/alone.png", "reasoning": "<think>..</think><subject>..</subject><scene>..</scene>",
      "subject": "dog", "id": "dog-0007"}
 
 Keys:
@@ -12,6 +12,8 @@ Keys:
 - `masks`: one entry per reference, each a mask image path (white = subject; the reference is cropped to it
   as `mmr1.xcot.prepare_references` does at inference) or null for "use the whole photo".
 - `target`: the image to learn to generate (SFT needs it; GRPO prompts leave it out).
+- `subject_image`: the subject alone, the visual intermediate SFT teaches the model to draw after its reasoning
+  (`subject_source = "generate"` needs it).
 - `reasoning`: the tagged X-CoT text (`mmr1.xcot.format_reasoning`) that SFT's text loss teaches.
 - `subject`: the subject's class word ("dog"), for rewards and logs.
 - `id`: a unique name for logs and resuming; defaults to "line-<n>" (n counts file lines from 1).
@@ -42,8 +44,8 @@ from mmr1.errors import InputError, report_user_errors
 from mmr1.images import to_rgb
 from mmr1.xcot import prepare_references
 
-KEYS = ("references", "masks", "prompt", "target", "reasoning", "subject", "id")  # also the order files use
-REQUIRABLE = ("masks", "target", "reasoning", "subject")
+KEYS = ("references", "masks", "prompt", "target", "subject_image", "reasoning", "subject", "id")  # the files' order
+REQUIRABLE = ("masks", "target", "subject_image", "reasoning", "subject")
 _LISTED = 20  # longest list of lines or files an error message spells out
 
 
@@ -63,14 +65,16 @@ class Record:
     target: Path | None = None
     reasoning: str | None = None
     subject: str | None = None
+    subject_image: Path | None = None
 
     def __post_init__(self) -> None:
         # Coerced here so records built in code compare and hash like records read from files.
         object.__setattr__(self, "references", tuple(Path(path) for path in self.references))
         if self.masks is not None:
             object.__setattr__(self, "masks", tuple(None if mask is None else Path(mask) for mask in self.masks))
-        if self.target is not None:
-            object.__setattr__(self, "target", Path(self.target))
+        for key in ("target", "subject_image"):
+            if getattr(self, key) is not None:
+                object.__setattr__(self, key, Path(getattr(self, key)))
         if not self.id:
             raise InputError("The record id is empty.")
         if not self.references:
@@ -86,7 +90,7 @@ class Record:
     def files(self) -> list[Path]:
         """Every image path the record names."""
         masks = [mask for mask in self.masks or () if mask is not None]
-        return [*self.references, *masks, *([self.target] if self.target is not None else [])]
+        return [*self.references, *masks, *(path for path in (self.target, self.subject_image) if path is not None)]
 
     def load_references(self) -> list[Image.Image]:
         """The references as RGB, each cropped to its mask as at inference (a null mask keeps the whole photo)."""
@@ -104,6 +108,12 @@ class Record:
         """The target as RGB, or None for prompt-only (GRPO) records."""
         return None if self.target is None else to_rgb(_open_image(self.target, f"record {self.id} target"))
 
+    def load_subject_image(self) -> Image.Image | None:
+        """The subject alone as RGB (the intermediate SFT teaches under subject_source 'generate'), or None."""
+        if self.subject_image is None:
+            return None
+        return to_rgb(_open_image(self.subject_image, f"record {self.id} subject image"))
+
     def to_json(self, base: Path) -> dict:
         """The JSONL object: paths inside `base` relative to it (the dataset can move), others absolute."""
         base = absolute_path(base)
@@ -117,6 +127,7 @@ class Record:
             "masks": None if self.masks is None else [None if mask is None else relative(mask) for mask in self.masks],
             "prompt": self.prompt,
             "target": None if self.target is None else relative(self.target),
+            "subject_image": None if self.subject_image is None else relative(self.subject_image),
             "reasoning": self.reasoning,
             "subject": self.subject,
             "id": self.id,
@@ -165,7 +176,7 @@ def _parse_line(values: object, line: int, folder: Path) -> Record:
             raise InputError(f"{key!r} must be a list of {'paths or nulls' if nullable else 'paths'}.")
         return tuple(None if item is None else absolute_path(folder / item) for item in items)
 
-    target = text("target")
+    target, subject_image = text("target"), text("subject_image")
     return Record(
         id=text("id") or f"line-{line}",
         references=paths("references", nullable=False),
@@ -174,6 +185,7 @@ def _parse_line(values: object, line: int, folder: Path) -> Record:
         target=None if target is None else absolute_path(folder / target),
         reasoning=text("reasoning"),
         subject=text("subject"),
+        subject_image=None if subject_image is None else absolute_path(folder / subject_image),
     )
 
 

@@ -42,7 +42,7 @@ from mmr1.images import to_rgb
 from mmr1.metadata import save_png
 from mmr1.rewards import RewardModel
 from mmr1.sampling import SamplingSettings
-from mmr1.xcot import Grounding, check_subject_source, extract_subject, ground
+from mmr1.xcot import Grounding, check_subject_source, extract_subject, ground_batch
 
 from .data import Record, absolute_path, split_names, write_records
 
@@ -258,6 +258,32 @@ def _open_photos(paths: Sequence[Path]) -> list[Image.Image]:
     return photos
 
 
+def mode_chains(
+    mm,
+    prompts: Sequence[str],
+    references: Sequence[Sequence[Image.Image]],
+    mode: str,
+    seed: int,
+    max_new_tokens: int,
+    ground_temperature: float,
+    ground_top_p: float,
+    subject_source: str,
+) -> tuple[list[Grounding | None], list[str | None]]:
+    """(groundings, reasoning overrides) that condition each prompt's images under a mode ("prompt",
+    "references" or "xcot"); prompt i's grounding is seeded seed + i. DreamBench's evaluation and the world's
+    draw their conditions from here, so both compare the same conditions."""
+    if mode == "prompt":
+        return [None] * len(prompts), [None] * len(prompts)
+    references = [list(refs) for refs in references]
+    if mode == "xcot":
+        groundings = ground_batch(mm, references, list(prompts), max_new_tokens, ground_temperature, ground_top_p,
+                                  seed, subject_source)
+        return groundings, [None] * len(prompts)
+    # "references": the grounding's conditioning (reference images, subject tokens) without sampling any reasoning.
+    return ([Grounding(prompt, "", "", "", False, refs, extract_subject(mm, refs, subject_source))
+             for prompt, refs in zip(prompts, references)], [""] * len(prompts))
+
+
 def generate_in_mode(
     mm,
     prompt: str,
@@ -271,20 +297,10 @@ def generate_in_mode(
     ground_top_p: float,
     subject_source: str,
 ):
-    """The images of one prompt under a conditioning mode ("prompt", "references" or "xcot"); the world
-    evaluation draws its conditions with it too, so both compare the same conditions."""
-    if mode == "prompt":
-        return generate(mm, prompt, None, None, images_per_prompt, settings, seed)
-    references = list(references)
-    if mode == "xcot":
-        grounding = ground(
-            mm, references, prompt, max_new_tokens=max_new_tokens, temperature=ground_temperature,
-            top_p=ground_top_p, seed=seed, subject_source=subject_source,
-        )
-        return generate(mm, prompt, grounding, None, images_per_prompt, settings, seed)
-    # "references": the grounding's conditioning (reference images, subject tokens) without sampling any reasoning.
-    grounding = Grounding(prompt, "", "", "", False, references, extract_subject(mm, references, subject_source))
-    return generate(mm, prompt, grounding, "", images_per_prompt, settings, seed)
+    """The images of one prompt under a conditioning mode (`mode_chains`)."""
+    (grounding,), (reasoning,) = mode_chains(mm, [prompt], [references], mode, seed, max_new_tokens,
+                                             ground_temperature, ground_top_p, subject_source)
+    return generate(mm, prompt, grounding, reasoning, images_per_prompt, settings, seed)
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from mmr1.errors import MMR1Error
+from mmr1.xcot import SUBJECT_SOURCES
 
 from .checkpoints import publish, remove_leftovers, retire, temporary_name
 from .config import ConfigError, config_to_dict, knob
@@ -61,7 +62,9 @@ class RunConfig:
     lora_alpha: float = knob(16.0, "LoRA alpha (scale alpha/rank)")
     lora_dropout: float = knob(0.0, "LoRA dropout")
     lora_targets: tuple[str, ...] = knob(LORA_TARGETS, "language-model module names that get LoRA adapters")
-    subject_source: str = knob("reference", "visual intermediate in the chain: 'reference' or 'none'")
+    subject_source: str = knob("reference", f"visual intermediate in the chain, one of {SUBJECT_SOURCES}: the first "
+                                            "reference's VQ tokens, none, or the subject drawn by the model after "
+                                            "its reasoning (SFT data then needs subject_image)")
     dtype: str = knob("fp32", "fp32, or bf16 (autocast with fp32 master weights, accelerate mixed precision)")
     gradient_checkpointing: bool = knob(True, "recompute each decoder layer's activations in backward: a GRPO "
                                               "group's 2G long rows otherwise hold L layers of activations")
@@ -85,8 +88,8 @@ class RunConfig:
         for name in ("warmup_steps", "save_every", "sample_every", "lora_rank"):
             if getattr(self, name) < 0:
                 raise ValueError(f"config key {name!r} must be at least 0")
-        if self.subject_source not in ("reference", "none"):
-            raise ValueError("config key 'subject_source' must be 'reference' or 'none'")
+        if self.subject_source not in SUBJECT_SOURCES:
+            raise ValueError(f"config key 'subject_source' must be one of {SUBJECT_SOURCES}, got {self.subject_source!r}")
         if self.dtype not in ("fp32", "bf16"):
             raise ValueError("config key 'dtype' must be 'fp32' or 'bf16'")
         if self.device not in (None, "cpu", "cuda", "mps", "xpu", "npu"):

@@ -19,7 +19,7 @@ import hashlib
 import math
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -39,7 +39,7 @@ from .policy import Policy, make_policy
 from .rewards import build_rewards
 from .timing import PhaseClock
 
-SEGMENTS = ("image", "reasoning", "both", "alternate")
+SEGMENTS = ("image", "reasoning", "both", "alternate", "subject")
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,9 @@ class GRPOConfig(RunConfig):
     rewards: tuple[str, ...] = knob(("redness@1",), "rewards: 'redness@w', 'format@w' or 'kind=folder@w'")
     prompts_per_step: int = knob(1, "prompt groups per optimizer step and process (gradient accumulation steps)")
     num_generations: int = knob(8, "group size G: rollouts per prompt")
-    segments: str = knob("both", "optimised segments: image, reasoning, both, or alternate every alternate_every steps")
+    segments: str = knob("both", "optimised segments: image, reasoning, subject (the drawn subject image, "
+                                 "subject_source = generate), both (every segment the chain has), or alternate "
+                                 "(the reasoning, then the image side) every alternate_every steps")
     alternate_every: int = knob(10, "steps per segment when segments = alternate (SepGRPO)")
     num_iterations: int = knob(1, "mu: optimisation passes over each batch of rollouts")
     loss_type: str = knob("grpo", f"how per-token terms are averaged, one of {LOSS_TYPES} (see training/grpo_loss.py)")
@@ -94,6 +96,9 @@ class GRPOConfig(RunConfig):
                 raise ValueError(f"config key {name!r} must be finite and {rules.get(name, '> 0')}, got {value!r}")
         if not self.rewards:
             raise ValueError("config key 'rewards' needs at least one reward")
+        if self.segments == "subject" and self.subject_source != "generate":
+            raise ValueError("config key 'segments' = 'subject' optimises the drawn subject image: it needs "
+                             "subject_source = 'generate'")
 
     @property
     def image_settings(self) -> SamplingSettings:
@@ -108,10 +113,11 @@ class GRPOConfig(RunConfig):
         return self.epsilon if self.epsilon_high is None else self.epsilon_high
 
     def segments_at(self, step: int) -> tuple[str, ...]:
+        image_side = ("subject", "image") if self.subject_source == "generate" else ("image",)
         if self.segments == "both":
-            return ("reasoning", "image")
+            return ("reasoning", *image_side)
         if self.segments == "alternate":
-            return (("reasoning", "image")[((step - 1) // self.alternate_every) % 2],)
+            return (("reasoning",), image_side)[((step - 1) // self.alternate_every) % 2]
         return (self.segments,)
 
 
@@ -143,6 +149,12 @@ class Group:
     advantages: torch.Tensor | None = None  # [G], set once the step's rewards are known on every process
 
 
+def _parsed(reasoning: str) -> tuple[str, str, bool]:
+    """(subject, scene, format_ok) of a rollout's reasoning, in Grounding's field order."""
+    parsed = parse_reasoning(reasoning)
+    return parsed.subject, parsed.scene, parsed.format_ok
+
+
 def modality(mm, name: str) -> Modality:
     return Modality.image(mm) if name == "image" else Modality.text(mm)
 
@@ -168,11 +180,12 @@ def segment_logits(mm, segment: Segment, features: torch.Tensor | None) -> torch
                            unconditional)
 
 
-def rollout(mm, record: Record, config: GRPOConfig, reward_functions, seeds: tuple[int, int],
+def rollout(mm, record: Record, config: GRPOConfig, reward_functions, seeds: tuple[int, int, int],
             clock: PhaseClock | None = None, synced: bool = False) -> Group:
-    """G complete X-CoT rollouts for one record: reasoning text (seeded by seeds[0]), then image tokens
-    conditioned on it (seeds[1]); `clock` times the sampling ("rollout") and the scoring ("reward"); `synced`
-    keeps the ranks of a distributed run stepping together until all have stopped."""
+    """G complete X-CoT rollouts for one record: reasoning text (seeded by seeds[0]), under subject_source
+    'generate' the subject image conditioned on it (seeds[2]), then image tokens conditioned on both (seeds[1]);
+    `clock` times the sampling ("rollout") and the scoring ("reward"); `synced` keeps the ranks of a distributed
+    run stepping together until all have stopped."""
     g = config.num_generations
     clock = clock or PhaseClock(mm.device)
     references = record.load_references()
@@ -193,21 +206,26 @@ def rollout(mm, record: Record, config: GRPOConfig, reward_functions, seeds: tup
             mm.tokenizer.decode(row[: int(length)], skip_special_tokens=True).strip()
             for row, length in zip(text.tokens, text.lengths)
         ]
-        subject_tokens = extract_subject(mm, references, config.subject_source)
-        image_sequences = []
-        for reasoning in reasonings:
-            parsed = parse_reasoning(reasoning)
-            grounding = Grounding(record.prompt, reasoning, parsed.subject, parsed.scene, parsed.format_ok,
-                                  references, subject_tokens)
-            image_sequences.append(generation_sequence(mm, record.prompt, grounding))
         settings = config.image_settings
-        image_prefix = batch_prefix(mm, [embed_sequence(mm, s, reference_features=features) for s in image_sequences])
-        image_unconditional = (batch_prefix(mm, [embed_sequence(mm, s, unconditional=True) for s in image_sequences])
-                               if settings.guided else None)
-        image = sample_tokens(
-            mm, image_prefix, Modality.image(mm), mm.num_image_tokens, settings, seeds[1],
-            unconditional=image_unconditional, return_logprobs=True,
-        )
+
+        def image_rollouts(sequences: list[PromptSequence], seed: int):
+            prefix = batch_prefix(mm, [embed_sequence(mm, s, reference_features=features) for s in sequences])
+            unconditional = (batch_prefix(mm, [embed_sequence(mm, s, unconditional=True) for s in sequences])
+                             if settings.guided else None)
+            return sample_tokens(mm, prefix, Modality.image(mm), mm.num_image_tokens, settings, seed,
+                                 unconditional=unconditional, return_logprobs=True)
+
+        given = extract_subject(mm, references, config.subject_source)  # None unless 'reference'
+        groundings = [Grounding(record.prompt, reasoning, *_parsed(reasoning), references, given)
+                      for reasoning in reasonings]
+        subject = None
+        if config.subject_source == "generate" and references:
+            subject_sequences = [generation_sequence(mm, record.prompt, grounding) for grounding in groundings]
+            subject = image_rollouts(subject_sequences, seeds[2])
+            groundings = [replace(grounding, subject_tokens=subject.tokens[row : row + 1])
+                          for row, grounding in enumerate(groundings)]
+        image_sequences = [generation_sequence(mm, record.prompt, grounding) for grounding in groundings]
+        image = image_rollouts(image_sequences, seeds[1])
         images = mm.decode_image_tokens(image.tokens)
     components = {}
     total = torch.zeros(g)
@@ -226,6 +244,9 @@ def rollout(mm, record: Record, config: GRPOConfig, reward_functions, seeds: tup
         "image": Segment(image_sequences, image.tokens, image_mask, "image", settings, mm.num_image_tokens,
                          image.logprobs),
     }
+    if subject is not None:
+        segments["subject"] = Segment(subject_sequences, subject.tokens, image_mask, "image", settings,
+                                      mm.num_image_tokens, subject.logprobs)
     return Group(segments, features, total, components, truncated.cpu(), reasonings, images)
 
 
@@ -239,8 +260,8 @@ def score_reference(policy: Policy, group: Group, names: tuple[str, ...]) -> Non
             segment.reference_logprobs = token_logprobs(logits, segment.tokens, segment.settings.untruncated)
 
 
-def rollout_seeds(config: GRPOConfig, step: int, group: int) -> tuple[int, int]:
-    """(reasoning, image) seeds of one group, hashed from the run's seed, the step and the group's index over all
+def rollout_seeds(config: GRPOConfig, step: int, group: int) -> tuple[int, int, int]:
+    """(reasoning, image, subject) seeds of one group, hashed from the run's seed, the step and the group's index over all
     processes, so a resumed or re-sharded run samples the same rollouts and no two groups share a stream (row i
     of a group draws from seed + i, and the hashes are 62 bits apart on average)."""
 
@@ -248,7 +269,7 @@ def rollout_seeds(config: GRPOConfig, step: int, group: int) -> tuple[int, int]:
         key = f"{config.seed}/{step}/{group}/{stage}".encode()
         return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 2
 
-    return digest("reasoning"), digest("image")
+    return digest("reasoning"), digest("image"), digest("subject")
 
 
 def assign_advantages(groups: list[Group], run: Run, config: GRPOConfig) -> torch.Tensor:
@@ -345,7 +366,8 @@ def train(config: GRPOConfig) -> Path:
                         for group in groups:
                             score_reference(policy, group, names)
             rollout_seconds = clock.seconds["rollout"]
-            sampled = sum(int(g.segments["reasoning"].mask.sum()) + g.segments["image"].tokens.numel() for g in groups)
+            sampled = sum(int(g.segments["reasoning"].mask.sum()) + g.segments["image"].tokens.numel()
+                          + (g.segments["subject"].tokens.numel() if "subject" in g.segments else 0) for g in groups)
             rewards = assign_advantages(groups, run, config)
             normalisers.clear()
             if config.loss_type == "dapo":
@@ -390,7 +412,8 @@ def train(config: GRPOConfig) -> Path:
                 captions = [f"{float(value):.3f}" for value in groups[0].rewards]
                 run.save_samples(step, sample_grid(groups[0].images, captions))
             run.end_of_step(step, order)
-    return run.finish(["reward_mean", *(f"{name}_mean" for name, _, _ in reward_functions), "image_kl", "reasoning_kl"])
+    return run.finish(["reward_mean", *(f"{name}_mean" for name, _, _ in reward_functions), "image_kl", "subject_kl",
+                       "reasoning_kl"])
 
 
 def main(argv: list[str] | None = None) -> int:

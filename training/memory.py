@@ -139,7 +139,7 @@ class SegmentShape:
     """One optimised segment's teacher-forced forward: `rows` rows of prefix + sampled positions; the head
     scores the sampled ones."""
 
-    name: str  # "reasoning" or "image"
+    name: str  # "reasoning", "subject" or "image"
     rows: int  # 2G for the guided image segment (conditional rows and their unconditional twins), else G
     prefix: int
     sampled: int
@@ -153,22 +153,28 @@ class SegmentShape:
 
 def segment_shapes(janus: torch.nn.Module, config: GRPOConfig, references: int, prompt_tokens: int
                    ) -> dict[str, SegmentShape]:
-    """The two segments' shapes, from the layout of `mmr1.prompting.build_sequence`: the grounding prompt holds
+    """The segments' shapes, from the layout of `mmr1.prompting.build_sequence`: the grounding prompt holds
     each reference's understanding slots between <begin_of_image> and <end_of_image> and a newline; the image
-    prompt adds the reasoning, the subject's VQ tokens (subject_source = reference) and the final tokens."""
+    prompt adds the reasoning, the subject's VQ tokens (subject_source reference or generate) and the final
+    tokens; under generate the subject is a segment of its own, drawn after the reasoning."""
     g = config.num_generations
     understanding = janus.config.vision_config.num_image_tokens
     image_tokens = janus.config.vq_config.num_patches**2
     grounding = references * (understanding + 3) + prompt_tokens
-    subject = image_tokens + 3 if references and config.subject_source == "reference" else 0
+    subject = image_tokens + 3 if references and config.subject_source != "none" else 0
     image = config.image_settings
     separate_kl = config.beta > 0 and image.untruncated != image  # top-k / top-p: the KL's distribution differs
     reasoning = config.max_reasoning_tokens
-    return {
+    rows, kl_rows = 2 * g if image.guided else g, 2 * g if separate_kl else g
+    shapes = {
         "reasoning": SegmentShape("reasoning", g, grounding, reasoning, janus.config.text_config.vocab_size, g),
-        "image": SegmentShape("image", 2 * g if image.guided else g, grounding + reasoning + subject + 2, image_tokens,
-                              janus.config.vq_config.num_embeddings, 2 * g if separate_kl else g),
+        "image": SegmentShape("image", rows, grounding + reasoning + subject + 2, image_tokens,
+                              janus.config.vq_config.num_embeddings, kl_rows),
     }
+    if config.subject_source == "generate" and references:
+        shapes["subject"] = SegmentShape("subject", rows, grounding + reasoning + 2, image_tokens,
+                                         janus.config.vq_config.num_embeddings, kl_rows)
+    return shapes
 
 
 def decoder_layer_bytes(hidden: int, intermediate: int, precision: Precision) -> int:

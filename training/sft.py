@@ -1,13 +1,17 @@
-"""Cold-start SFT for X-CoT: teacher-forced loss on the reasoning tokens and on the target image's VQ tokens.
+"""Cold-start SFT for X-CoT: teacher-forced loss on the reasoning tokens, on the subject image's VQ tokens (when
+the model draws it) and on the target image's VQ tokens.
 
 One training sequence is the X-CoT chain of `mmr1.prompting.build_sequence` followed by the target image:
 
     [user turn: references, request] <|Assistant|>: reasoning "\\n" <begin_of_image> [subject] ... <begin_of_image> target tokens
-                                                    |-------- text segment --------|                               |-- image --|
+                                                    |-------- text segment --------||- subject -|               |-- image --|
 
 The text segment (the reasoning up to and including the <begin_of_image> that ends it, where grounding stops)
-is scored by the language head, the image segment by the generation head. Each segment's loss is a mean over
-its own tokens and the two are weighted, so 576 image tokens do not drown 50 reasoning tokens. With probability
+is scored by the language head, the subject and image segments by the generation head. The subject segment is
+trained under `subject_source = "generate"` only: the records' `subject_image` (the subject alone) is what the
+model learns to draw after its reasoning; under "reference" those slots hold a reference's tokens, given, not
+predicted. Each segment's loss is a mean over its own tokens and they are weighted, so 576 image tokens do not
+drown 50 reasoning tokens. With probability
 `unconditional_prob` an example's image segment sees the unconditional (padded) context instead, which keeps
 classifier-free guidance meaningful. With probability `reasoning_drop_prob` it sees the references without
 the reasoning (and has no text loss), so the same model can also generate straight from references: the
@@ -27,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mmr1.prompting import PromptSequence, batch_prefix, build_sequence, check_fits, embed_sequence
+from mmr1.prompting import VQ_IMAGE, PromptSequence, batch_prefix, build_sequence, check_fits, embed_sequence
 from mmr1.generation import generate
 from mmr1.xcot import extract_subject, ground
 
@@ -49,6 +53,7 @@ class SFTConfig(RunConfig):
     gradient_accumulation: int = knob(1, "micro-batches per optimizer step")
     text_weight: float = knob(1.0, "weight of the reasoning (text) segment's mean loss")
     image_weight: float = knob(1.0, "weight of the image segment's mean loss")
+    subject_weight: float = knob(1.0, "weight of the subject image segment's mean loss (subject_source = generate)")
     unconditional_prob: float = knob(0.1, "probability that an example's image segment sees the padded context")
     reasoning_drop_prob: float = knob(0.0, "probability that an example is drawn from references without reasoning")
 
@@ -68,11 +73,14 @@ class Example:
     text_end: int  # last position of it: the <begin_of_image> that ends the reasoning
     target_tokens: torch.Tensor  # [T] VQ tokens of the target image
     without_reasoning: PromptSequence  # the same chain with the reasoning left out (no text loss)
+    subject_start: int | None = None  # first VQ slot of the subject image, when the model learns to draw it
 
 
 def prepare_example(mm, record: Record, subject_source: str) -> Example:
     references = record.load_references()
     subject_tokens = extract_subject(mm, references, subject_source)
+    if subject_source == "generate":
+        subject_tokens = mm.encode_image_tokens([record.load_subject_image()]).cpu()
     grounding = build_sequence(mm, record.prompt, references, stage="ground")
     sequence = build_sequence(mm, record.prompt, references, reasoning=record.reasoning, subject_tokens=subject_tokens)
     check_fits(mm, sequence, mm.num_image_tokens)
@@ -80,7 +88,10 @@ def prepare_example(mm, record: Record, subject_source: str) -> Example:
     text_end = len(grounding) + int((after == mm.tokens.begin_of_image).nonzero()[0])
     target_tokens = mm.encode_image_tokens([record.load_target()])[0].cpu()
     without = build_sequence(mm, record.prompt, references, reasoning="", subject_tokens=subject_tokens)
-    return Example(sequence, len(grounding), text_end, target_tokens, without)
+    subject_start = None
+    if subject_source == "generate":
+        subject_start = int((sequence.slot_kinds == VQ_IMAGE).nonzero()[0])
+    return Example(sequence, len(grounding), text_end, target_tokens, without, subject_start)
 
 
 def sft_loss(
@@ -90,11 +101,13 @@ def sft_loss(
     text_weight: float,
     image_weight: float,
     no_reasoning: list[bool] | None = None,
+    subject_weight: float = 1.0,
 ):
-    """Weighted per-segment mean cross-entropies; returns (loss, text loss, image loss) as tensors.
+    """Weighted per-segment mean cross-entropies; returns (loss, text loss, image loss, subject loss) as tensors
+    (a segment without tokens in the batch has loss 0).
 
     `unconditional[i]`: example i's image sees the padded context; `no_reasoning[i]`: it sees the references
-    without reasoning. Either way it has no text loss."""
+    without reasoning. Either way it has no text or subject loss."""
     no_reasoning = no_reasoning or [False] * len(examples)
     rows, sequences = [], []
     for example, drop, bare in zip(examples, unconditional, no_reasoning):
@@ -106,7 +119,7 @@ def sft_loss(
         inputs_embeds=prefix.embeds, attention_mask=prefix.attention_mask, position_ids=prefix.position_ids,
         use_cache=False,
     ).last_hidden_state
-    text_hidden, text_labels, image_hidden, image_labels = [], [], [], []
+    text_hidden, text_labels, image_hidden, image_labels, subject_hidden, subject_labels = [], [], [], [], [], []
     for row, (example, drop, bare, embeds) in enumerate(zip(examples, unconditional, no_reasoning, rows)):
         offset = hidden.shape[1] - embeds.shape[0]
         context_length = len(sequences[row])
@@ -114,6 +127,11 @@ def sft_loss(
             positions = torch.arange(example.text_start, example.text_end + 1)
             text_hidden.append(hidden[row, offset + positions - 1])
             text_labels.append(example.sequence.input_ids[positions])
+            if example.subject_start is not None:
+                tokens = example.sequence.subject_tokens[0]
+                positions = torch.arange(example.subject_start, example.subject_start + len(tokens))
+                subject_hidden.append(hidden[row, offset + positions - 1])
+                subject_labels.append(tokens)
         image_hidden.append(hidden[row, offset + context_length - 1 : offset + context_length - 1 + len(example.target_tokens)])
         image_labels.append(example.target_tokens)
     device = hidden.device
@@ -123,7 +141,13 @@ def sft_loss(
         if text_hidden
         else image_loss.new_zeros(())
     )
-    return text_weight * text_loss + image_weight * image_loss, text_loss, image_loss
+    subject_loss = (
+        F.cross_entropy(mm.image_logits(torch.cat(subject_hidden)).float(), torch.cat(subject_labels).to(device))
+        if subject_hidden
+        else image_loss.new_zeros(())
+    )
+    loss = text_weight * text_loss + image_weight * image_loss + subject_weight * subject_loss
+    return loss, text_loss, image_loss, subject_loss
 
 
 SAMPLED_RECORDS = 4
@@ -151,13 +175,14 @@ def train(config: SFTConfig) -> Path:
 
     from mmr1.loading import load_model
 
-    records = read_records(config.data, require=("target", "reasoning"))
+    records = read_records(config.data, require=("target", "reasoning")
+                           + (("subject_image",) if config.subject_source == "generate" else ()))
     run = Run("sft", config, accumulation_steps=config.gradient_accumulation)
     mm = load_model(config.model, dtype="fp32", device=run.device)  # fp32 master weights; bf16 is autocast
     examples = [prepare_example(mm, record, config.subject_source) for record in records]
     policy = make_policy(mm, config.model, config.lora, with_reference=False)
     objective = run.prepare(policy, lambda batch, unconditional, no_reasoning: sft_loss(
-        mm, batch, unconditional, config.text_weight, config.image_weight, no_reasoning))
+        mm, batch, unconditional, config.text_weight, config.image_weight, no_reasoning, config.subject_weight))
     order = RecordOrder(len(examples), config.seed)
     start = run.resume(order)
     mm.model.train()
@@ -165,7 +190,7 @@ def train(config: SFTConfig) -> Path:
     started = time.perf_counter()
     with tqdm(total=config.steps, initial=start, desc="sft", unit="step", disable=not run.is_main) as bar:
         for step in range(start + 1, config.steps + 1):
-            totals = torch.zeros(3)
+            totals = torch.zeros(4)
             for micro in range(config.gradient_accumulation):
                 indices = order.take(share * run.num_processes)[run.process_index * share:][:share]
                 draws = random.Random(f"{config.seed}-{step}-{micro}-{run.process_index}")
@@ -181,14 +206,14 @@ def train(config: SFTConfig) -> Path:
             bar.set_postfix(loss=f"{totals[0]:.3f}")
             if run.log_due(step):
                 run.log({"step": step, "loss": float(totals[0]), "text_loss": float(totals[1]),
-                         "image_loss": float(totals[2]), "lr": run.learning_rate, "grad_norm": grad_norm,
+                         "image_loss": float(totals[2]), "subject_loss": float(totals[3]), "lr": run.learning_rate, "grad_norm": grad_norm,
                          "seconds": round(time.perf_counter() - started, 3)})
             if run.samples_due(step):
                 with run.generation_weights():
                     grid = sample_records(mm, records, config, synced=run.num_processes > 1)
                 run.save_samples(step, grid)
             run.end_of_step(step, order)
-    return run.finish(("loss", "text_loss", "image_loss"))
+    return run.finish(("loss", "text_loss", "image_loss", "subject_loss"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,7 +35,8 @@ def run(argv, capsys) -> tuple[int, str, str]:
 
 
 def pngs(folder: Path) -> list[Path]:
-    return sorted(folder.glob("*.png"))
+    """The generated images (subject.png, the visual intermediate, aside)."""
+    return sorted(folder.glob("mmr1_seed*.png"))
 
 
 def pixels(path: Path) -> np.ndarray:
@@ -75,10 +76,15 @@ def test_new_user_flow(tmp_path, monkeypatch, capsys):
                               text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         assert "Traceback" not in done.stderr
-    assert "wrote 2 images and mmr1_generation.json to OUT" in done.stdout
+    assert ("wrote OUT/mmr1_seed1.png, OUT/mmr1_seed2.png, OUT/subject.png and OUT/mmr1_generation.json"
+            in done.stdout)
+    assert "reasoning: " in done.stdout
 
     out = tmp_path / "OUT"
-    assert sorted(path.name for path in out.iterdir()) == ["mmr1_generation.json", "mmr1_seed1.png", "mmr1_seed2.png"]
+    assert sorted(path.name for path in out.iterdir()) == ["mmr1_generation.json", "mmr1_seed1.png", "mmr1_seed2.png",
+                                                           "subject.png"]
+    # the visual intermediate: under subject_source reference, the reference itself
+    np.testing.assert_array_equal(pixels(out / "subject.png"), pixels(tmp_path / "ref.png"))
     first = {path.name: path.read_bytes() for path in pngs(out)}
     side = TinySpec().image_size
     for path in pngs(out):
@@ -94,6 +100,7 @@ def test_new_user_flow(tmp_path, monkeypatch, capsys):
     assert grounding["settings"] == {"max_new_tokens": 256, "temperature": 0.7, "top_p": 0.95, "seed": 1,
                                      "subject_source": "reference"}
     assert record["images"] == [{"file": "mmr1_seed1.png", "seed": 1}, {"file": "mmr1_seed2.png", "seed": 2}]
+    assert record["subject_image"] == "subject.png" and read_png_record(out / "subject.png") == record
     for entry in record["images"]:
         assert read_png_record(out / entry["file"]) == {**record, "image_seed": entry["seed"]}
         with Image.open(out / entry["file"]) as image:
@@ -174,6 +181,18 @@ def test_text_to_image_without_reference(tiny_hf_dir, tmp_path, capsys):
     record = json.loads((tmp_path / "t2i" / "mmr1_generation.json").read_text())
     assert record["grounding"] is None and record["references"] == [] and record["reasoning"] is None
     assert read_png_record(tmp_path / "t2i" / "mmr1_seed0.png")["image_seed"] == 0
+
+
+def test_generate_subject_source_writes_the_drawn_subject(tiny_hf_dir, tmp_path, ref_png, capsys):
+    code, out, err = run(["generate", "--model", tiny_hf_dir, "--ref", ref_png, "--prompt", PROMPT, *FAST,
+                          "--subject", "generate", "--out", tmp_path / "g"], capsys)
+    assert code == 0, err
+    record = json.loads((tmp_path / "g" / "mmr1_generation.json").read_text())
+    assert record["grounding"]["settings"]["subject_source"] == "generate"
+    side = TinySpec().image_size
+    with Image.open(tmp_path / "g" / "subject.png") as image:  # drawn by the model: the model's image size
+        assert image.size == (side, side)
+    assert not np.array_equal(pixels(tmp_path / "g" / "subject.png")[:40, :40], pixels(Path(ref_png))[:40, :40])
 
 
 def test_reasoning_override_and_no_reasoning_change_the_images(sensitive_dir, tmp_path, ref_png, capsys):

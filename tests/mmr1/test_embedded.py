@@ -39,7 +39,11 @@ def test_demo_generates_from_the_bundled_references(assets, tmp_path, capsys):
     record = json.loads((tmp_path / "out" / "mmr1_generation.json").read_text())
     assert record["prompt"] == "a photo of it on the beach" and record["model"].endswith(embedded.MODEL_NAME)
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["mmr1_seed0.png", "mmr1_seed1.png",
-                                                                         "reference-1.png"]
+                                                                         "reference-1.png", "subject.png"]
+    printed = capsys.readouterr().out
+    for name in ("mmr1_seed0.png", "mmr1_seed1.png", "subject.png", "reference-1.png"):
+        assert str(tmp_path / "out" / name) in printed  # the demo says where its images are
+    assert f"reasoning: {record['reasoning']}" in printed
 
 
 def test_a_missing_embedded_model_names_its_folder_and_the_rebuild_command(tmp_path, monkeypatch, capsys):

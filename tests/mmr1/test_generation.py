@@ -68,3 +68,28 @@ def test_num_images_must_be_positive(tiny_model, num_images):
 def test_prompt_longer_than_the_context(tiny_model):
     with pytest.raises(InputError, match="context"):
         generate(tiny_model, "dog " * tiny_model.context_length)
+
+
+def test_batches_of_chains_match_each_chain_alone(tiny_model):
+    """ground_batch and generate_chains: row i seeded seed + i, as each subject alone (greedy, so the padding of
+    a batch cannot tip a sample)."""
+    from mmr1.generation import generate_chains
+    from mmr1.xcot import ground_batch
+
+    references = [[subject_image()], [subject_image(colour=(20, 220, 20))]]
+    prompts = ["a photo of it on the beach", "a photo of it in the snow"]
+    batch = ground_batch(tiny_model, references, prompts, max_new_tokens=12, temperature=0.0, seed=5,
+                         subject_source="generate", subject_settings=SamplingSettings(cfg_scale=2.0, temperature=0.0))
+    for row, grounding in enumerate(batch):
+        alone = ground(tiny_model, references[row], prompts[row], max_new_tokens=12, temperature=0.0, seed=5 + row,
+                       subject_source="generate", subject_settings=SamplingSettings(cfg_scale=2.0, temperature=0.0))
+        assert grounding.reasoning == alone.reasoning and grounding.settings == alone.settings
+        torch.testing.assert_close(grounding.subject_tokens, alone.subject_tokens)
+    settings = SamplingSettings(cfg_scale=3.0, temperature=0.0)
+    chains = generate_chains(tiny_model, prompts, batch, None, settings, seed=9)
+    assert chains.seeds == [9, 10] and chains.images.shape[0] == 2
+    for row in range(2):
+        alone = generate(tiny_model, prompts[row], batch[row], None, 1, settings, seed=9 + row)
+        torch.testing.assert_close(chains.tokens[row : row + 1], alone.tokens)
+    with pytest.raises(InputError, match="as many groundings"):
+        generate_chains(tiny_model, prompts, batch[:1])

@@ -259,8 +259,49 @@ def test_ground_greedy_ignores_the_seed(tiny_model):
 
 def test_ground_without_subject_tokens(tiny_model):
     grounding = ground(tiny_model, [subject_image()], PROMPT, max_new_tokens=2, subject_source="none")
-    assert grounding.subject_tokens is None
+    assert grounding.subject_tokens is None and grounding.subject_image is None
     assert grounding.settings["subject_source"] == "none"
+
+
+def test_ground_reference_source_shows_the_crop_as_the_subject_image(grounded):
+    image = grounded.subject_image
+    assert image.dtype == torch.float32 and tuple(image.shape) == (1, *pil_to_tensor(grounded.references[0]).shape)
+    torch.testing.assert_close(image[0], pil_to_tensor(grounded.references[0]))
+
+
+def test_generate_source_draws_the_subject_after_the_reasoning_and_generation_attends_to_it(tiny_model):
+    from mmr1.generation import generate
+    from mmr1.prompting import VQ_IMAGE, build_sequence
+    from mmr1.sampling import SamplingSettings
+
+    calls = []
+    settings = SamplingSettings(cfg_scale=2.0)
+    grounding = ground(tiny_model, [subject_image()], PROMPT, max_new_tokens=TOKENS, seed=3,
+                       subject_source="generate", subject_settings=settings,
+                       progress=lambda done, total, tokens: calls.append(total))
+    assert calls[-1] == tiny_model.num_image_tokens and TOKENS in calls  # reasoning, then the subject's tokens
+    tokens, image = grounding.subject_tokens, grounding.subject_image
+    assert tuple(tokens.shape) == (1, tiny_model.num_image_tokens)
+    assert tuple(image.shape) == (1, tiny_model.image_size, tiny_model.image_size, 3)
+    torch.testing.assert_close(image, tiny_model.decode_image_tokens(tokens))
+    # the subject is the image the model draws at the chain's first <begin_of_image>, after its own reasoning
+    chain = Grounding(PROMPT, grounding.reasoning, "", "", False, grounding.references, None)
+    drawn = generate(tiny_model, PROMPT, chain, None, 1, settings, seed=3)
+    torch.testing.assert_close(drawn.tokens, tokens)
+    # and the final image's sequence holds those tokens in its VQ slots
+    sequence = build_sequence(tiny_model, PROMPT, grounding.references, grounding.reasoning, tokens)
+    assert int((sequence.slot_kinds == VQ_IMAGE).sum()) == tiny_model.num_image_tokens
+    result = generate(tiny_model, PROMPT, grounding, num_images=1, seed=0)
+    torch.testing.assert_close(result.subject_image, image)
+
+
+def test_a_swapped_subject_image_replaces_the_intermediate(tiny_model, grounded):
+    swap = subject_image(colour=(0, 250, 0))
+    swapped = grounded.with_subject_image(tiny_model, pil_to_tensor(swap).unsqueeze(0))
+    torch.testing.assert_close(swapped.subject_tokens, tiny_model.encode_image_tokens([swap]).cpu())
+    torch.testing.assert_close(swapped.subject_image[0], pil_to_tensor(swap))
+    assert swapped.reasoning == grounded.reasoning and grounded.subject_image.shape != swapped.subject_image.shape \
+        or not torch.equal(grounded.subject_tokens, swapped.subject_tokens)
 
 
 @pytest.mark.parametrize("max_new_tokens", [0, -3])
@@ -308,11 +349,12 @@ def test_ground_rejects_unknown_subject_source_before_sampling(tiny_model):
 
 
 def test_extract_subject_sources(tiny_model):
-    assert SUBJECT_SOURCES == ("reference", "none")
+    assert SUBJECT_SOURCES == ("reference", "none", "generate")  # node options: appended, never reordered
     references = [subject_image(), subject_image(colour=(0, 250, 0))]
     with pytest.raises(InputError, match="Unknown subject source 'latent'"):
         extract_subject(tiny_model, references, "latent")
     assert extract_subject(tiny_model, references, "none") is None
+    assert extract_subject(tiny_model, references, "generate") is None  # the model draws it after its reasoning
     assert extract_subject(tiny_model, [], "reference") is None
     one = extract_subject(tiny_model, references, "reference")
     two = extract_subject(tiny_model, references, "reference", count=2)

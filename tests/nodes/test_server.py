@@ -86,6 +86,30 @@ def test_personalized_generation(comfy):
     assert reasoning and entry["outputs"]["6"]["text"][0] == reasoning
 
 
+def test_the_subject_image_is_shown_drawn_or_swapped(comfy):
+    """Grounding shows its visual intermediate; under 'generate' the model draws it; Personalized Generate's
+    subject_image swaps it, and swapping in the reference itself is exactly the 'reference' chain."""
+    given = comfy.run(personalized())
+    (crop,) = images_of(comfy, given, "24")  # the reference itself, shown by Preview Image
+    drawn_workflow = personalized()
+    drawn_workflow["3"]["inputs"]["subject_tokens"] = "generate"
+    drawn = comfy.run(drawn_workflow)
+    assert drawn["status"]["status_str"] == "success", comfy.log_tail()
+    (subject,) = images_of(comfy, drawn, "24")
+    assert subject.shape == (WORKFLOW_IMAGE_SIZE, WORKFLOW_IMAGE_SIZE, 3) and subject.std() > 5
+    assert subject.shape != crop.shape or not np.array_equal(subject, crop)
+    swapped_workflow = personalized(subject_image=["2", 0])
+    swapped_workflow["3"]["inputs"]["subject_tokens"] = "generate"
+    swapped = comfy.run(swapped_workflow)
+    assert swapped["status"]["status_str"] == "success", comfy.log_tail()
+    for image, reference in zip(images_of(comfy, swapped, "5"), images_of(comfy, given, "5")):
+        np.testing.assert_array_equal(image, reference)
+    alone = personalized(subject_image=["2", 0])
+    del alone["4"]["inputs"]["subject"]
+    error = execution_error(comfy.run(alone))
+    assert "connect the subject" in error["exception_message"]
+
+
 @pytest.mark.parametrize("name", TRAINED_MODEL_NAMES)
 def test_a_checkpoint_written_by_training_loads_in_the_loader_and_generates(comfy, name):
     info = comfy.get("/object_info/MMR1LoadModel")
@@ -330,7 +354,7 @@ def test_malformed_image_is_an_error_on_the_grounding_node(comfy, shape):
 @pytest.mark.parametrize("setting, value", [("top_p", 1.5), ("cfg", 0.5), ("batch_size", 0), ("top_p", 0.0)])
 def test_out_of_range_setting_is_rejected_on_the_generate_node(comfy, setting, value):
     workflow = personalized(**{setting: value})
-    del workflow["6"]  # the reasoning preview does not depend on node 4: without it nothing can run
+    del workflow["6"], workflow["24"]  # the previews of grounding do not depend on node 4: without them nothing runs
     status, body = comfy.request("/prompt", {"prompt": workflow, "client_id": "t"})
     assert status == 400
     (error,) = body["node_errors"]["4"]["errors"]

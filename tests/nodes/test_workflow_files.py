@@ -144,7 +144,8 @@ def test_the_parse_finds_every_pack_node():
     assert PACK["MMR1SubjectGrounding"].widgets == [
         "prompt", "max_new_tokens", "temperature", "seed", CONTROL, "subject_tokens"
     ]
-    assert PACK["MMR1PersonalizedGenerate"].sockets == ["mmr1_model", "subject", "reasoning"]
+    assert PACK["MMR1PersonalizedGenerate"].sockets == ["mmr1_model", "subject", "reasoning", "subject_image"]
+    assert PACK["MMR1SubjectGrounding"].outputs == 4  # subject, reasoning, rewritten_prompt, subject_image (appended)
     assert PACK["MMR1RewardScore"].widgets == ["prompt", "top_k"]
     assert PACK["MMR1RewardScore"].outputs == 4
 

@@ -40,6 +40,7 @@ def dataset(tmp_path: Path) -> Path:
     mask[10:20, 12:24] = 255
     _save(tmp_path / "subj" / "00_mask.png", Image.fromarray(mask))
     _save(tmp_path / "subj" / "03.jpg", subject_image(size=(32, 32)))
+    _save(tmp_path / "subj" / "alone.png", subject_image(size=(32, 32), background=(128, 128, 128)))
     return tmp_path
 
 
@@ -49,6 +50,7 @@ def _line(**changes: object) -> dict:
         "masks": ["subj/00_mask.png", None],
         "prompt": "a dog on the beach",
         "target": "subj/03.jpg",
+        "subject_image": "subj/alone.png",
         "reasoning": format_reasoning("plan", "a red square", "on the beach"),
         "subject": "dog",
         "id": "dog-0007",
@@ -58,7 +60,8 @@ def _line(**changes: object) -> dict:
 
 
 def test_round_trip_keeps_every_field(dataset: Path) -> None:
-    records = read_records(_lines(dataset / "data.jsonl", _line(), _line(id=..., masks=..., target=..., reasoning=...)))
+    records = read_records(_lines(dataset / "data.jsonl", _line(),
+                                  _line(id=..., masks=..., target=..., subject_image=..., reasoning=...)))
     assert records[0] == Record(
         id="dog-0007",
         references=(dataset / "subj/00.jpg", dataset / "subj/01.png"),
@@ -67,8 +70,11 @@ def test_round_trip_keeps_every_field(dataset: Path) -> None:
         target=dataset / "subj/03.jpg",
         reasoning="<think>plan</think><subject>a red square</subject><scene>on the beach</scene>",
         subject="dog",
+        subject_image=dataset / "subj/alone.png",
     )
     assert records[1].id == "line-2" and records[1].masks is None and records[1].target is None
+    assert records[1].subject_image is None and records[1].load_subject_image() is None
+    assert records[0].load_subject_image().getpixel((0, 0)) == (128, 128, 128)
 
     write_records(dataset / "copy.jsonl", records)
     assert read_records(dataset / "copy.jsonl") == records
@@ -79,10 +85,11 @@ def test_round_trip_keeps_every_field(dataset: Path) -> None:
 def test_paths_resolve_against_the_files_folder(dataset: Path, tmp_path_factory) -> None:
     elsewhere = _save(tmp_path_factory.mktemp("elsewhere") / "far.jpg", subject_image())
     (dataset / "lists").mkdir()
-    line = _line(references=["../subj/00.jpg", str(elsewhere)], masks=..., target="../subj/03.jpg")
+    line = _line(references=["../subj/00.jpg", str(elsewhere)], masks=..., target="../subj/03.jpg",
+                 subject_image="../subj/alone.png")
     record = read_records(_lines(dataset / "lists" / "data.jsonl", line))[0]
     assert record.references == (dataset / "subj" / "00.jpg", elsewhere)
-    assert record.target == dataset / "subj" / "03.jpg"
+    assert record.target == dataset / "subj" / "03.jpg" and record.subject_image == dataset / "subj" / "alone.png"
 
     # Written from another folder: paths inside it relative, paths outside it absolute.
     assert record.to_json(dataset)["references"] == ["subj/00.jpg", str(elsewhere)]

@@ -202,7 +202,7 @@ def test_lora_bf16_with_gradient_checkpointing_exports_an_adapter_that_loads(tin
 
     assert mmr1_cli(["generate", "--model", str(final), "--ref", str(prompts.with_name("ref0.png")),
                      "--prompt", "a photo of it", "--out", str(tmp_path / "generated"), "--device", "cpu"]) == 0
-    assert len(list((tmp_path / "generated").glob("*.png"))) == 1
+    assert len(list((tmp_path / "generated").glob("mmr1_seed*.png"))) == 1  # beside subject.png, the intermediate
     # visibility: a grid per step and the reward curves
     grid = Image.open(tmp_path / "run" / "samples" / "step-000002.png")
     assert grid.size[0] == 4 * merged.image_size

@@ -61,6 +61,35 @@ def test_rollout_groups(learnable_model, prompts):
     assert image.tokens.shape == (8, 256) and len(image.sequences) == 8 and image.settings.cfg_scale == 3.0
 
 
+def test_generate_source_rolls_out_the_subject_as_a_segment_the_image_attends_to(tiny_hf_dir, prompts, tmp_path):
+    from mmr1.loading import load_model
+    from mmr1.prompting import VQ_IMAGE
+
+    mm = load_model(tiny_hf_dir, device="cpu")
+    settings = config(tiny_hf_dir, prompts, num_generations=4, subject_source="generate", cfg_scale=2.0)
+    assert settings.segments_at(1) == ("reasoning", "subject", "image")
+    alternate = config(tiny_hf_dir, prompts, subject_source="generate", segments="alternate", alternate_every=1)
+    assert [alternate.segments_at(step) for step in (1, 2)] == [("reasoning",), ("subject", "image")]
+    group = rollout(mm, read_records(prompts)[0], settings, [("redness", redness, 1.0)], seeds=(3, 4, 5))
+    subject, image = group.segments["subject"], group.segments["image"]
+    assert subject.tokens.shape == image.tokens.shape == (4, mm.num_image_tokens)
+    assert subject.settings.cfg_scale == 2.0 and torch.isfinite(subject.sampler_logprobs).all()
+    for row in range(4):
+        sequence = image.sequences[row]  # each row's final image attends to its own drawn subject
+        torch.testing.assert_close(sequence.subject_tokens[0], subject.tokens[row])
+        assert int((sequence.slot_kinds == VQ_IMAGE).sum()) == mm.num_image_tokens
+        assert subject.sequences[row].subject_tokens is None  # the subject is drawn after the reasoning alone
+    assert not torch.equal(subject.tokens[0], subject.tokens[1])  # row i draws from seed + i
+    again = rollout(mm, read_records(prompts)[0], settings, [("redness", redness, 1.0)], seeds=(3, 4, 5))
+    assert torch.equal(again.segments["subject"].tokens, subject.tokens)
+    with pytest.raises(ConfigError, match="subject_source = 'generate'"):
+        config(tiny_hf_dir, prompts, segments="subject")
+    train(config(tiny_hf_dir, prompts, num_generations=2, subject_source="generate", segments="subject", steps=1,
+                 output_dir=str(tmp_path / "run")))
+    line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert line["segments"] == ["subject"] and "subject_kl" in line and "image_kl" not in line
+
+
 def test_a_short_run_writes_metrics_and_a_loadable_checkpoint(learnable_model, prompts, tmp_path):
     from mmr1.loading import load_model
 
@@ -338,7 +367,7 @@ def test_rollout_seeds_never_repeat_over_many_groups_and_steps():
         for group in range(16):
             for seed in rollout_seeds(settings, step, group):
                 streams.update(seed + row for row in range(settings.num_generations))
-    assert len(streams) == 200 * 16 * 2 * 8
+    assert len(streams) == 200 * 16 * 3 * 8  # reasoning, image and subject streams
     assert rollout_seeds(settings, 3, 1) == rollout_seeds(settings, 3, 1) != rollout_seeds(settings, 3, 2)
 
 

@@ -147,6 +147,19 @@ def test_both_segments_add_up_and_alternate_takes_the_larger(tiny):
         "reasoning", True)
 
 
+def test_a_drawn_subject_is_a_segment_of_its_own(tiny):
+    def estimate(**knobs):
+        return estimate_step_memory(tiny, grpo_config(gradient_checkpointing=False, **knobs))
+
+    given, drawn = estimate(subject_source="reference"), estimate(subject_source="generate")
+    assert [shape.name for shape in drawn.segments] == ["reasoning", "subject", "image"]
+    subject = drawn.segments[1]
+    image = next(shape for shape in given.segments if shape.name == "image")
+    assert subject.sampled == image.sampled and subject.prefix < image.prefix  # drawn before the subject's slots
+    only = estimate(subject_source="generate", segments="subject")
+    assert drawn.activations == given.activations + only.activations
+
+
 def test_beta_zero_and_lora_have_no_reference(tiny):
     assert estimate_step_memory(tiny, grpo_config(beta=0.0)).reference == 0
     knobs = {"dtype": "bf16", "gradient_checkpointing": False}

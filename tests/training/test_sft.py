@@ -63,6 +63,55 @@ def test_padding_and_dropped_context_only_change_what_they_should(tiny_model, da
     assert not torch.isclose(alone[2], dropped[2])
 
 
+@pytest.fixture(scope="module")
+def dataset_with_subjects(tmp_path_factory, dataset):
+    """The same records with each square alone on grey as the subject image (subject_source = generate)."""
+    from dataclasses import replace
+
+    from training.data import read_records
+
+    folder = tmp_path_factory.mktemp("sft_subjects")
+    records = []
+    for record in read_records(dataset):
+        path = folder / f"{record.id}_alone.png"
+        square(COLOURS[record.id], background=(128, 128, 128)).save(path)
+        records.append(replace(record, subject_image=path))
+    write_records(folder / "train.jsonl", records)
+    return folder / "train.jsonl"
+
+
+def test_generate_source_teaches_the_subject_image_after_the_reasoning(tiny_model, dataset_with_subjects):
+    from mmr1.prompting import VQ_IMAGE
+    from training.data import read_records
+
+    record = read_records(dataset_with_subjects, require=("subject_image",))[0]
+    example = prepare_example(tiny_model, record, "generate")
+    subject = tiny_model.encode_image_tokens([record.load_subject_image()])[0].cpu()
+    slots = (example.sequence.slot_kinds == VQ_IMAGE).nonzero().flatten()
+    assert int(slots[0]) == example.subject_start == example.text_end + 1  # right after the reasoning's <boi>
+    torch.testing.assert_close(example.sequence.subject_tokens[0], subject)
+    with torch.no_grad():
+        full = sft_loss(tiny_model, [example], [False], 1.0, 1.0)
+        dropped = sft_loss(tiny_model, [example], [True], 1.0, 1.0)
+        given = sft_loss(tiny_model, [prepare_example(tiny_model, record, "reference")], [False], 1.0, 1.0)
+    assert full[3] > 0 and dropped[3] == 0 and given[3] == 0  # only a drawn subject is a segment of its own
+    torch.testing.assert_close(full[0], full[1] + full[2] + full[3])
+
+
+def test_sft_under_generate_needs_subject_images_and_lowers_the_subject_loss(dataset, dataset_with_subjects,
+                                                                               tiny_hf_dir, tmp_path):
+    from mmr1.errors import InputError
+
+    values = {"model": str(tiny_hf_dir), "output_dir": str(tmp_path / "run"), "steps": 40, "batch_size": 4,
+              "learning_rate": 3e-3, "warmup_steps": 3, "unconditional_prob": 0.0, "log_every": 5, "device": "cpu",
+              "subject_source": "generate"}
+    with pytest.raises(InputError, match="lack 'subject_image'"):
+        train(build_config(SFTConfig, {**values, "data": str(dataset)}))
+    train(build_config(SFTConfig, {**values, "data": str(dataset_with_subjects)}))
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["subject_loss"] < 0.4 * lines[0]["subject_loss"]  # 2.58 / 5.69 after 30 steps
+
+
 def test_sft_overfits_a_handful_of_samples(dataset, tiny_hf_dir, tmp_path):
     """The acceptance bound: loss down by at least 90 % on four samples within 60 steps."""
     config = build_config(SFTConfig, {

@@ -71,31 +71,46 @@ def _augment(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return pixels + shift + 0.04 * torch.randn(pixels.shape, generator=generator)
 
 
-def train_judge(images, labels, steps: int, batch_size: int = 64, learning_rate: float = 2e-3, seed: int = 0):
-    """(judge, losses) trained on uint8 images [N, 64, 64, 3] and label indices [N, len(ATTRIBUTES)]."""
+def train_judge(images, labels, steps: int, batch_size: int = 64, learning_rate: float = 2e-3, seed: int = 0,
+                subjects_alone=None):
+    """(judge, losses) trained on uint8 images [N, 64, 64, 3] and label indices [N, len(ATTRIBUTES)].
+
+    `subjects_alone`: optional (uint8 images [M, 64, 64, 3], label indices [M, len(SUBJECT_ATTRIBUTES)]) of
+    subjects on the plain backdrop (scenes.render_subject), a quarter-batch of them in every step with the
+    subject heads' loss only, so the judge also reads the subject images the model draws."""
     torch.manual_seed(seed)
     judge = AttributeJudge().train()
     pixels, labels = to_pixels(images), torch.as_tensor(labels)
+    alone = None if subjects_alone is None else (to_pixels(subjects_alone[0]), torch.as_tensor(subjects_alone[1]))
 
     def step_loss(step: int) -> torch.Tensor:
         indices = batch_indices(len(pixels), batch_size, step, seed)
         generator = torch.Generator().manual_seed(seed + step)
         logits = judge(_augment(pixels[indices], generator))
-        return sum(F.cross_entropy(head, labels[indices, column]) for column, head in enumerate(logits))
+        loss = sum(F.cross_entropy(head, labels[indices, column]) for column, head in enumerate(logits))
+        if alone is not None:
+            picks = batch_indices(len(alone[0]), batch_size // 4, step, seed + 1)
+            heads = judge(_augment(alone[0][picks], generator))[: len(SUBJECT_ATTRIBUTES)]
+            loss = loss + sum(F.cross_entropy(head, alone[1][picks, column]) for column, head in enumerate(heads))
+        return loss
 
     losses = fit(judge.parameters(), step_loss, steps, learning_rate, "judge")
     return judge.eval(), losses
 
 
 @torch.no_grad()
-def attribute_accuracy(judge: AttributeJudge, images: torch.Tensor, truths: list[dict[str, str]]) -> dict[str, float]:
-    """Fraction right per attribute, plus 'subject' and 'prompt': means over the subject and scene attributes."""
+def attribute_hits(judge: AttributeJudge, images: torch.Tensor, truths: list[dict[str, str]]) -> dict[str, list[bool]]:
+    """Per attribute, whether the judge reads each image's true value (images [N, H, W, 3] float 0..1)."""
     predictions = []
     for start in range(0, len(images), 256):
         predictions += judge.predict(images[start : start + 256])
-    accuracy = {
-        name: sum(p[name] == t[name] for p, t in zip(predictions, truths)) / max(1, len(truths)) for name in ATTRIBUTES
-    }
+    return {name: [p[name] == t[name] for p, t in zip(predictions, truths)] for name in ATTRIBUTES}
+
+
+def attribute_accuracy(judge: AttributeJudge, images: torch.Tensor, truths: list[dict[str, str]]) -> dict[str, float]:
+    """Fraction right per attribute, plus 'subject' and 'prompt': means over the subject and scene attributes."""
+    hits = attribute_hits(judge, images, truths)
+    accuracy = {name: sum(values) / max(1, len(values)) for name, values in hits.items()}
     accuracy["subject"] = sum(accuracy[name] for name in SUBJECT_ATTRIBUTES) / len(SUBJECT_ATTRIBUTES)
     accuracy["prompt"] = sum(accuracy[name] for name in SCENE_ATTRIBUTES) / len(SCENE_ATTRIBUTES)
     return accuracy

@@ -12,10 +12,17 @@ stopped; SFT and GRPO also resume inside their stage):
 1. `components/`: the VQ tokenizer and the understanding encoder (vq.py, understanding.py);
 2. `judge/`: the evaluation-only attribute classifier (judge.py);
 3. `reward/`: the CLIP-style reward model (clip_reward.py);
-4. `base/`: a Janus folder (transformers classes, world tokenizer) holding the trained VQ and encoder;
-5. `data/`: SFT records (with targets and reasoning) and GRPO prompt records, from training subjects only;
-6. `sft/`, `grpo/`: the recipes of configs/{sft,grpo}.toml;
-7. `eval/`: `python -m training.world.evaluate` on the held-out subjects.
+4. `check_vq/`: the stage diagnosis of the VQ (the judge on its reconstructions of held-out renders, flat colours);
+5. `base/`: a Janus folder (transformers classes, world tokenizer) holding the trained VQ and encoder;
+6. `data/`: SFT records (with targets and reasoning) and GRPO prompt records, from training subjects only;
+7. `sft/`, then `check_sft/`: the SFT recipe of configs/sft.toml, then its diagnosis (grounding per attribute,
+   images from the true reasoning);
+8. `grpo/`: the GRPO recipe of configs/grpo.toml;
+9. `eval/`: `python -m training.world.evaluate` on the held-out subjects, every stage and the conditions (a)-(d).
+
+With `gates` on, a check whose bars (training/world/diagnosis.py) are missed stops the pipeline with the numbers,
+so a VQ that erases the subject never costs an hour of SFT; its report stays in the check's folder, and running
+again with `--gates false` goes on from there.
 
 `--install` copies the GRPO model, the reward model and the judge into `mmr1/assets/`, where
 `python -m mmr1 demo` and the Load MMR1 Model node find them.
@@ -38,7 +45,7 @@ from mmr1.tiny import TOKENIZER_CORPUS, TinySpec
 
 from ..config import ConfigError, build_config, knob, read_toml, recipe_main
 from .recipes import CONFIGS
-from .scenes import TRAIN_SUBJECTS, labelled_scenes, sample_example, write_dataset
+from .scenes import TRAIN_SUBJECTS, labelled_scenes, sample_example, subject_renders, write_dataset
 
 WORLD_SPEC = TinySpec(
     hidden_size=192,
@@ -70,6 +77,12 @@ class PipelineConfig:
     vq_steps: int = knob(2000, "VQ tokenizer steps (batches of 16)")
     vq_full_steps: int = knob(300, "of which the last ones see whole images instead of 32x32 crops")
     vq_learning_rate: float = knob(2e-3, "VQ tokenizer peak learning rate")
+    vq_base_channels: int = knob(WORLD_SPEC.vq_base_channels, "VQ channels at full resolution before the multipliers "
+                                 "(a multiple of 32: transformers' VQ normalises in 32 groups, so each group "
+                                 "holds channels / 32 of them; one channel per group erases flat colour)")
+    vq_channel_multiplier: tuple[int, ...] = knob(WORLD_SPEC.vq_channel_multiplier, "VQ channel multiplier per "
+                                                  "level (4 levels: 64x64 images to the 8x8 token grid)")
+    vq_codebook_size: int = knob(WORLD_SPEC.vq_codebook_size, "VQ codebook entries (image vocabulary)")
     understanding_steps: int = knob(2000, "understanding encoder steps (batches of 64)")
     judge_steps: int = knob(800, "judge steps (batches of 64)")
     reward_steps: int = knob(600, "reward model steps (batches of 64)")
@@ -80,7 +93,8 @@ class PipelineConfig:
     grpo_config: Path = knob(Path("grpo.toml"), "GRPO recipe (found as sft_config is); model, data and output_dir "
                                                 "are set by the pipeline, {reward} in rewards is its reward model")
     evaluate: bool = knob(True, "run python -m training.world.evaluate on the held-out subjects at the end")
-    eval_tasks: int = knob(60, "held-out tasks (subject, references, target scene) the evaluation draws")
+    eval_tasks: int = knob(200, "held-out tasks (subject, references, target scene) every check and the evaluation draw")
+    gates: bool = knob(True, "stop after a check (check_vq, check_sft) whose diagnosis misses a bar")
 
     def __post_init__(self) -> None:
         for name in ("scenes", "vq_steps", "understanding_steps", "judge_steps", "reward_steps", "sft_records",
@@ -89,6 +103,19 @@ class PipelineConfig:
                 raise ValueError(f"config key {name!r} must be at least 1")
         if not 0 <= self.vq_full_steps <= self.vq_steps:
             raise ValueError("config key 'vq_full_steps' must be between 0 and vq_steps")
+        if self.vq_base_channels < 32 or self.vq_base_channels % 32:
+            raise ValueError("config key 'vq_base_channels' must be a positive multiple of 32")
+        if len(self.vq_channel_multiplier) != len(WORLD_SPEC.vq_channel_multiplier) or min(self.vq_channel_multiplier) < 1:
+            raise ValueError(f"config key 'vq_channel_multiplier' needs {len(WORLD_SPEC.vq_channel_multiplier)} "
+                             "positive levels (the token grid is 8x8 for 64x64 images)")
+        if self.vq_codebook_size < 2:
+            raise ValueError("config key 'vq_codebook_size' must be at least 2")
+
+    @property
+    def spec(self) -> TinySpec:
+        """The world Janus's sizes, with this config's VQ."""
+        return replace(WORLD_SPEC, vq_base_channels=self.vq_base_channels, vq_codebook_size=self.vq_codebook_size,
+                       vq_channel_multiplier=tuple(self.vq_channel_multiplier))
 
 
 def world_corpus() -> str:
@@ -104,6 +131,10 @@ def recipe_file(name: Path) -> Path:
         if candidate.is_file():
             return candidate
     raise ConfigError(f"recipe {name} is neither a file of {CONFIGS} nor a file from {Path.cwd()}")
+
+
+class PipelineStopped(ConfigError):
+    """A stage's diagnosis missed its bars while `gates` is on."""
 
 
 class Pipeline:
@@ -128,6 +159,9 @@ class Pipeline:
                             data=self.out / "data" / "grpo" / "records.jsonl", output_dir=self.out / "grpo")
         reward = self.out / "reward"
         grpo = replace(grpo, rewards=tuple(spec.replace("{reward}", str(reward)) for spec in grpo.rewards))
+        if sft.subject_source != grpo.subject_source:
+            raise ConfigError(f"{recipe_file(self.config.grpo_config)}: subject_source {grpo.subject_source!r} differs "
+                              f"from the SFT recipe's {sft.subject_source!r}; GRPO optimises the chain SFT taught.")
         for spec in grpo.rewards:  # the syntax only: the reward folder exists once its stage has run
             try:
                 parse_spec(spec)
@@ -162,29 +196,38 @@ class Pipeline:
 
         folder.mkdir(parents=True, exist_ok=True)
         held_out = labelled_scenes(256, self.config.seed + 1, "heldout")
-        vq, vq_losses = train_vq(WORLD_SPEC, self.scenes.images, self.config.vq_steps, self.config.vq_full_steps,
+        vq, vq_losses = train_vq(self.config.spec, self.scenes.images, self.config.vq_steps, self.config.vq_full_steps,
                                  batch_size=16, learning_rate=self.config.vq_learning_rate, seed=self.config.seed)
         save_file({k: v.contiguous() for k, v in vq.state_dict().items()}, str(folder / "vq.safetensors"))
         encoder, encoder_losses = train_understanding_encoder(
-            WORLD_SPEC, self.scenes.images, self.scenes.labels(), self.config.understanding_steps, seed=self.config.seed)
+            self.config.spec, self.scenes.images, self.scenes.labels(), self.config.understanding_steps, seed=self.config.seed)
         save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(folder / "understanding.safetensors"))
         return {"vq_loss_last": vq_losses[-1], "vq_heldout_mean_abs_error": reconstruction_error(vq, held_out.images),
                 "understanding_loss_last": encoder_losses[-1]}
 
     def judge(self, folder: Path) -> dict:
         from .judge import attribute_accuracy, save_judge, train_judge
-        from .vq import reconstructed_images
 
         judge, losses = train_judge(self.scenes.images, self.scenes.labels(), self.config.judge_steps,
-                                    seed=self.config.seed)
+                                    seed=self.config.seed, subjects_alone=subject_renders(TRAIN_SUBJECTS))
         held_out = labelled_scenes(512, self.config.seed + 2, "heldout")
         rendered = torch.as_tensor(held_out.images).float() / 255
-        record = {"loss_last": losses[-1], "heldout_renders": attribute_accuracy(judge, rendered, held_out.truths()),
-                  # the ceiling of any generator drawing through this VQ:
-                  "heldout_vq_reconstructions": attribute_accuracy(
-                      judge, reconstructed_images(self._trained_vq(), held_out.images), held_out.truths())}
+        record = {"loss_last": losses[-1], "heldout_renders": attribute_accuracy(judge, rendered, held_out.truths())}
         save_judge(judge, folder, {"trained_on": "training/world/scenes.py renders (training subjects)", **record})
         return record
+
+    def check(self, name: str, stages: tuple[str, ...], models: dict[str, Path], vq=None) -> None:
+        """A diagnosis stage (training/world/evaluate.py's `stages`); with `gates`, missed bars stop the run."""
+        from .evaluate import evaluate_world
+
+        folder = self.stage(name, lambda out: evaluate_world(
+            models, None, self.out / "judge", self.config.eval_tasks, self.config.seed, out, stages=stages,
+            vq=vq() if vq else None, subject_source=self.sft_recipe.subject_source))
+        failed = json.loads((folder / DONE).read_text(encoding="utf-8"))["failed"]
+        if failed and self.config.gates:
+            raise PipelineStopped(
+                f"[{name}] the diagnosis misses its bars, so the next stages would train on a broken stage:\n  "
+                + "\n  ".join(failed) + f"\nreport: {folder / 'report.md'}; run again with --gates false to go on.")
 
     def _trained_vq(self):
         from safetensors.torch import load_file
@@ -192,7 +235,7 @@ class Pipeline:
 
         from mmr1.tiny import build_vq_config
 
-        vq = JanusVQVAE(build_vq_config(WORLD_SPEC))
+        vq = JanusVQVAE(build_vq_config(self.config.spec))
         vq.load_state_dict(load_file(str(self.out / "components" / "vq.safetensors")))
         return vq.eval()
 
@@ -209,7 +252,7 @@ class Pipeline:
 
         from mmr1.tiny import make_tiny_checkpoint
 
-        make_tiny_checkpoint(folder, spec=WORLD_SPEC, seed=self.config.seed, corpus=world_corpus())
+        make_tiny_checkpoint(folder, spec=self.config.spec, seed=self.config.seed, corpus=world_corpus())
         model = JanusForConditionalGeneration.from_pretrained(folder)
         model.model.vqmodel.load_state_dict(load_file(str(self.out / "components" / "vq.safetensors")))
         model.model.vision_model.load_state_dict(load_file(str(self.out / "components" / "understanding.safetensors")))
@@ -238,7 +281,7 @@ class Pipeline:
         report = evaluate_world(
             models={"sft": self.out / "sft" / "final", "grpo": self.out / "grpo" / "final"},
             reward=self.out / "reward", judge=self.out / "judge", tasks=self.config.eval_tasks,
-            seed=self.config.seed, out_dir=folder)
+            seed=self.config.seed, out_dir=folder, subject_source=self.grpo_recipe.subject_source)
         return report
 
     @staticmethod
@@ -250,10 +293,12 @@ class Pipeline:
         torch.manual_seed(self.config.seed)
         self.stage("components", self.components)
         self.stage("judge", self.judge)
+        self.check("check_vq", ("vq",), {}, vq=self._trained_vq)
         self.stage("reward", self.reward)
         self.stage("base", self.base)
         self.stage("data", self.data)
         self.stage("sft", self.sft)
+        self.check("check_sft", ("sft",), {"sft": self.out / "sft" / "final"})
         self.stage("grpo", self.grpo)
         if self.config.evaluate:
             self.stage("eval", self.evaluation)

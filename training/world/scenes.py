@@ -7,6 +7,8 @@ so a model trained here can be measured (judge.py reads the labels back from gen
   tenth of them (`HELD_OUT`, by seed) is never used for training; evaluation uses only those.
 - A **scene** is (background, position, size) plus small jitter and background texture: what the prompt says.
 - A subject's **references** show it in other scenes than the target.
+- A subject's **subject image** (`render_subject`) shows it alone: centred, large, on a plain backdrop, the
+  visual intermediate the model learns to draw after its reasoning (subject_source = "generate").
 
 Everything is deterministic by seed: `render(subject, scene, seed)` draws the same pixels on every machine.
 
@@ -71,6 +73,25 @@ _RADIUS = {"small": 12.0, "large": 19.0}  # in 64-pixel units
 _CENTRE_X = {"small": {"left": 15.0, "middle": 32.0, "right": 49.0}, "large": {"left": 21.0, "middle": 32.0, "right": 43.0}}
 
 
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def parse_description(text: str) -> dict[str, str | None]:
+    """The subject attributes a description names (the inverse of `Subject.description`, tolerant of a wrong
+    article or extra words): each attribute's value, or None where the text names none or several.
+
+    Grounding is scored with it, attribute by attribute: 'a blue triangle with a red grid' names shape, colour,
+    pattern and pattern colour even when one of them is wrong."""
+    words = text.lower().replace(",", " ").split()
+    head, _, tail = " ".join(words).partition(" with ")
+    found = {}
+    for name, part in (("shape", head), ("colour", head), ("pattern", tail), ("pattern_colour", tail)):
+        named = [value for value in ATTRIBUTE_VALUES[name] if value in part.split()]
+        found[name] = named[0] if len(named) == 1 else None
+    return found
+
+
 def _check_values(item, names: tuple[str, ...]) -> None:
     for name in names:
         if getattr(item, name) not in ATTRIBUTE_VALUES[name]:
@@ -90,10 +111,12 @@ class Subject:
             raise InputError("A subject's pattern colour must differ from its body colour.")
 
     def description(self) -> str:
-        """'a red heart with blue stripes': the words the reasoning and the reward model's captions use."""
+        """'a red heart with blue stripes', 'an orange cross with a white grid': the words the reasoning and the
+        reward model's captions use."""
+        pattern = f"{self.pattern_colour} {self.pattern}"
         if self.pattern in _SINGULAR_PATTERNS:
-            return f"a {self.colour} {self.shape} with a {self.pattern_colour} {self.pattern}"
-        return f"a {self.colour} {self.shape} with {self.pattern_colour} {self.pattern}"
+            pattern = f"{_article(self.pattern_colour)} {pattern}"
+        return f"{_article(self.colour)} {self.colour} {self.shape} with {pattern}"
 
     def slug(self) -> str:
         return "-".join(getattr(self, name) for name in SUBJECT_ATTRIBUTES)
@@ -233,6 +256,26 @@ def render(subject: Subject, scene: Scene, seed: int) -> Image.Image:
     radius = (_RADIUS[scene.size] + rng.uniform(-1, 1)) * _SUPERSAMPLE
     centre_x = (_CENTRE_X[scene.size][scene.position] + rng.uniform(-2, 2)) * _SUPERSAMPLE
     centre_y = (35 + rng.uniform(-3, 3)) * _SUPERSAMPLE
+    _draw_subject(image, subject, centre_x, centre_y, radius)
+    return _downsample(image)
+
+
+SUBJECT_BACKDROP = (128, 128, 128)  # no world colour, background or outline is this grey
+_SUBJECT_RADIUS = 22.0
+
+
+def render_subject(subject: Subject) -> Image.Image:
+    """The subject alone, centred, large, on the plain grey backdrop: one canonical 64x64 image per subject."""
+    size = IMAGE_SIZE * _SUPERSAMPLE
+    image = np.empty((size, size, 3), np.float32)
+    image[:] = SUBJECT_BACKDROP
+    _draw_subject(image, subject, size / 2, size / 2, _SUBJECT_RADIUS * _SUPERSAMPLE)
+    return _downsample(image)
+
+
+def _draw_subject(image: np.ndarray, subject: Subject, centre_x: float, centre_y: float, radius: float) -> None:
+    """Outline, body and pattern of the subject painted into a supersampled float image, in place."""
+    size = image.shape[0]
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     x, y = xs - centre_x, ys - centre_y
     body = _shape_mask(subject.shape, x, y, radius)
@@ -241,6 +284,9 @@ def render(subject: Subject, scene: Scene, seed: int) -> Image.Image:
     image[body] = _OUTLINE
     image[inner] = COLOURS[subject.colour]
     image[inner & pattern] = COLOURS[subject.pattern_colour]
+
+
+def _downsample(image: np.ndarray) -> Image.Image:
     small = image.reshape(IMAGE_SIZE, _SUPERSAMPLE, IMAGE_SIZE, _SUPERSAMPLE, 3).mean(axis=(1, 3))
     return Image.fromarray(np.clip(small + 0.5, 0, 255).astype(np.uint8))
 
@@ -289,6 +335,9 @@ class Example:
     def references(self) -> list[Image.Image]:
         return [render(self.subject, scene, self.seed + 1 + index) for index, scene in enumerate(self.reference_scenes)]
 
+    def subject_image(self) -> Image.Image:
+        return render_subject(self.subject)
+
 
 def sample_example(subjects: list[Subject], seed: int, references: int = 2) -> Example:
     """A random subject with a target scene and `references` other scenes (different backgrounds)."""
@@ -320,6 +369,14 @@ class LabelledScenes:
                         np.int64)
 
 
+def subject_renders(subjects: list[Subject]) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images [N, 64, 64, 3], label indices [N, len(SUBJECT_ATTRIBUTES)]) of each subject alone."""
+    images = np.stack([np.asarray(render_subject(subject)) for subject in subjects])
+    labels = np.array([[ATTRIBUTE_VALUES[name].index(getattr(subject, name)) for name in SUBJECT_ATTRIBUTES]
+                       for subject in subjects], np.int64)
+    return images, labels
+
+
 def labelled_scenes(count: int, seed: int, split: str = "train") -> LabelledScenes:
     """`count` random scenes of the split's subjects, deterministic by seed."""
     rng = random.Random(seed)
@@ -346,6 +403,9 @@ def write_dataset(out_dir: Path, split: str, records: int, references: int, seed
         if with_target:
             record["target"] = f"images/{name}-target.png"
             example.target().save(out_dir / record["target"])
+            record["subject_image"] = f"images/subject-{example.subject.slug()}.png"  # one per subject
+            if not (out_dir / record["subject_image"]).is_file():
+                example.subject_image().save(out_dir / record["subject_image"])
         record.update({"reasoning": example.reasoning(), "subject": example.subject.slug(), "id": name})
         lines.append(json.dumps(record))
     path = out_dir / "records.jsonl"
@@ -355,7 +415,7 @@ def write_dataset(out_dir: Path, split: str, records: int, references: int, seed
 
 def vocabulary() -> list[str]:
     """Every word a world prompt or reasoning uses: a tokenizer trained on these keeps them whole."""
-    words = [*SHAPES, *COLOURS, *PATTERNS, *SIZES, "a", "with", "photo", "of", "it", "the", "references", "show"]
+    words = [*SHAPES, *COLOURS, *PATTERNS, *SIZES, "a", "an", "with", "photo", "of", "it", "the", "references", "show"]
     words += [word for phrase in (*BACKGROUNDS.values(), *POSITIONS.values()) for word in phrase.split()]
     return sorted(set(words))
 

@@ -1,4 +1,5 @@
-"""training.world.evaluate: the world report (four conditions, judge and reward scores, files) and the CLI."""
+"""training.world.evaluate: the stage diagnosis report (every stage, the four conditions, intervals, bars, files)
+and the CLI."""
 
 from __future__ import annotations
 
@@ -37,23 +38,49 @@ def test_tasks_are_held_out_and_reproducible():
     assert not reasoning_names_subject(None, tasks[0])
 
 
-def test_world_report_has_every_condition_with_scores_and_files(tmp_path, tiny_hf_dir, judge_dir, clip_dir):
-    report = evaluate_world({"sft": tiny_hf_dir, "grpo": tiny_hf_dir}, clip_dir, judge_dir, tasks=2, seed=0,
+def test_world_report_has_every_stage_and_condition_with_intervals_bars_and_files(tmp_path, tiny_hf_dir, judge_dir,
+                                                                                 clip_dir):
+    report = evaluate_world({"sft": tiny_hf_dir, "grpo": tiny_hf_dir}, clip_dir, judge_dir, tasks=3, seed=0,
                             out_dir=tmp_path)
-    assert [row["condition"] for row in report["rows"]] == [name for name, _, _ in CONDITIONS]
-    for row in report["rows"]:
-        for key in ("subject", "prompt", "shape", "background"):
-            assert 0.0 <= row[key] <= 1.0
-        assert -1.0 <= row["clip_i"] <= 1.0 and -1.0 <= row["clip_t"] <= 1.0
-        assert (row["reasoning_exact"] is None) == (row["mode"] != "xcot")
+    names = [measure["measure"] for measure in report["measures"]]
+    assert names == ["renders", "vq", "grounding", "true reasoning + references", "true reasoning, no references",
+                     *(name for name, _, _ in CONDITIONS)]
+    for measure in report["measures"]:
+        keys = ("subject", "shape") if measure["measure"] == "grounding" else ("subject", "prompt", "shape", "size")
+        for key in keys:
+            value = measure[key]
+            assert 0.0 <= value["low"] <= value["mean"] <= value["high"] <= 1.0
+        assert measure["tasks"] == 3 and set(measure["passed"]) == set(measure["bars"])
+    by_name = {measure["measure"]: measure for measure in report["measures"]}
+    assert by_name["renders"]["bars"] == {} and by_name["vq"]["bars"] == {"subject": 0.93, "prompt": 0.97}
+    assert set(by_name["vq"]["flat_colour_errors"]) == {"red", "orange", "yellow", "green", "blue", "purple",
+                                                         "white", "black"}
+    assert "exact" in by_name["grounding"] and "prompt" not in by_name["grounding"]
+    for name, _, mode in CONDITIONS:
+        assert -1.0 <= by_name[name]["clip_i"] <= 1.0 and -1.0 <= by_name[name]["clip_t"] <= 1.0
+        assert ("reasoning_exact" in by_name[name]) == (mode == "xcot")
+    assert [(d["better"], d["worse"]) for d in report["differences"]] == [
+        (CONDITIONS[2][0], CONDITIONS[1][0]), (CONDITIONS[3][0], CONDITIONS[2][0])]
+    # an untrained model misses its bars, and the report says which
+    assert any(line.startswith("vq subject:") for line in report["failed"])
     assert json.loads((tmp_path / "report.json").read_text()) == report
     table = (tmp_path / "report.md").read_text()
-    assert all(name in table for name, _, _ in CONDITIONS) and "| subject attr. | prompt attr. |" in table
+    assert all(name in table for name in names) and "Bars missed:" in table and "Flat world colours" in table
     sheet = Image.open(tmp_path / "contact_sheet.png")
-    assert sheet.size == (128 * (3 + len(CONDITIONS)), 14 + 128 * 2)
+    assert sheet.size == (128 * (3 + len(CONDITIONS)), 14 + 128 * 3)
     # the same seed draws the same images, so the report repeats exactly
-    again = evaluate_world({"sft": tiny_hf_dir, "grpo": tiny_hf_dir}, clip_dir, judge_dir, tasks=2, seed=0)
-    assert again["rows"] == report["rows"]
+    again = evaluate_world({"sft": tiny_hf_dir, "grpo": tiny_hf_dir}, clip_dir, judge_dir, tasks=3, seed=0)
+    assert again["measures"] == report["measures"]
+
+
+def test_one_stage_runs_alone_and_an_unknown_stage_is_named(tmp_path, tiny_hf_dir, judge_dir):
+    from mmr1.errors import InputError
+
+    report = evaluate_world({"sft": tiny_hf_dir}, None, judge_dir, tasks=2, stages=("vq",), out_dir=tmp_path)
+    assert [measure["measure"] for measure in report["measures"]] == ["renders", "vq"]
+    assert not (tmp_path / "contact_sheet.png").exists()
+    with pytest.raises(InputError, match="Unknown evaluation stage.*'vqq'"):
+        evaluate_world({"sft": tiny_hf_dir}, None, judge_dir, tasks=2, stages=("vqq",))
 
 
 def test_cli_names_missing_folders(tmp_path, capsys):

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 from training.config import ConfigError, build_config
+from training.world.evaluate import CONDITIONS
 from training.world.pipeline import DONE, Pipeline, PipelineConfig, install, main, world_corpus
 from training.world.recipes import CONFIGS
 
-STAGES = ("components", "judge", "reward", "base", "data", "sft", "grpo", "eval")
+STAGES = ("components", "judge", "check_vq", "reward", "base", "data", "sft", "check_sft", "grpo", "eval")
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,7 @@ def finished_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("world")
     config = PipelineConfig(
         output_dir=tmp_path / "run", scenes=64, vq_steps=2, vq_full_steps=1, understanding_steps=2, judge_steps=2,
-        reward_steps=2, sft_records=4, grpo_records=2, eval_tasks=1,
+        reward_steps=2, sft_records=4, grpo_records=2, eval_tasks=1, gates=False,
         sft_config=_strip_and_override(tmp_path, "sft.toml", {"steps": 2, "batch_size": 2, "save_every": 0}),
         grpo_config=_strip_and_override(tmp_path, "grpo.toml", {"steps": 1, "num_generations": 2,
                                                                  "prompts_per_step": 1, "save_every": 0}),
@@ -43,9 +44,13 @@ def test_every_stage_completes_and_records_itself(finished_run):
         record = json.loads((out / stage / DONE).read_text())
         assert record["seconds"] >= 0
     report = json.loads((out / "eval" / "report.json").read_text())
-    assert len(report["rows"]) == 4 and (out / "eval" / "contact_sheet.png").is_file()
-    judge = json.loads((out / "judge" / DONE).read_text())
-    assert 0 <= judge["heldout_vq_reconstructions"]["subject"] <= 1
+    assert [m["measure"] for m in report["measures"]][-4:] == [name for name, _, _ in CONDITIONS]
+    assert (out / "eval" / "contact_sheet.png").is_file()
+    vq = json.loads((out / "check_vq" / DONE).read_text())
+    assert [m["measure"] for m in vq["measures"]] == ["renders", "vq"] and vq["failed"]  # 2 VQ steps miss the bar
+    sft = json.loads((out / "check_sft" / DONE).read_text())
+    assert [m["measure"] for m in sft["measures"]] == ["grounding", "true reasoning + references",
+                                                        "true reasoning, no references"]
 
 
 def test_a_finished_stage_is_skipped_when_the_command_runs_again(finished_run, capsys):
@@ -82,6 +87,13 @@ def test_the_world_tokenizer_keeps_world_words_whole():
 def test_bad_pipeline_values_name_the_key():
     with pytest.raises(ConfigError, match="vq_full_steps"):
         build_config(PipelineConfig, {"vq_steps": 10, "vq_full_steps": 11})
+    for values, key in (({"vq_base_channels": 48}, "vq_base_channels"),
+                        ({"vq_channel_multiplier": [1, 2, 2]}, "vq_channel_multiplier")):
+        with pytest.raises(ConfigError, match=key):
+            build_config(PipelineConfig, values)
+    wide = build_config(PipelineConfig, {"vq_base_channels": 64, "vq_channel_multiplier": [2, 2, 2, 4],
+                                         "vq_codebook_size": 2048}).spec
+    assert (wide.vq_base_channels, wide.vq_channel_multiplier, wide.vq_codebook_size) == (64, (2, 2, 2, 4), 2048)
 
 
 def test_recipes_come_from_the_package_whatever_the_working_directory(tmp_path, monkeypatch):
@@ -116,3 +128,20 @@ def test_a_bad_recipe_fails_in_seconds_before_the_first_stage(tmp_path, capsys, 
     assert main(["--output_dir", str(out), f"--{name.replace('.toml', '_config')}", str(bad)]) == 2
     assert str(bad) in capsys.readouterr().err
     assert not out.exists()  # no stage started
+
+
+def test_a_check_that_misses_its_bars_stops_the_run_before_sft_and_gates_false_goes_on(tmp_path, capsys):
+    from dataclasses import replace
+
+    from training.world.pipeline import PipelineStopped
+
+    config = PipelineConfig(output_dir=tmp_path / "run", scenes=64, vq_steps=2, vq_full_steps=1,
+                            understanding_steps=2, judge_steps=2, eval_tasks=2)
+    with pytest.raises(PipelineStopped, match=r"(?s)check_vq.*vq subject: .* < 93 %.*--gates false"):
+        Pipeline(config).run()
+    out = config.output_dir
+    assert (out / "check_vq" / "report.md").is_file() and not (out / "reward").exists()  # no later stage began
+    assert "vq flat colours" in (out / "check_vq" / "report.md").read_text()
+    capsys.readouterr()
+    Pipeline(replace(config, gates=False)).check("check_vq", ("vq",), {})  # the recorded check, not re-measured
+    assert "[check_vq] done earlier" in capsys.readouterr().out

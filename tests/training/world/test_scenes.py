@@ -16,6 +16,7 @@ from training.world.scenes import (
     ATTRIBUTES,
     HELD_OUT_SUBJECTS,
     SUBJECT_ATTRIBUTES,
+    SUBJECT_BACKDROP,
     TRAIN_SUBJECTS,
     Scene,
     Subject,
@@ -96,9 +97,14 @@ def test_labelled_scenes_carry_indices_of_their_true_attributes():
 
 def test_written_datasets_read_back_as_training_records(tmp_path):
     path = write_dataset(tmp_path / "sft", "train", records=3, references=2, seed=0)
-    records = read_records(path, require=("target", "reasoning", "subject"))
+    records = read_records(path, require=("target", "subject_image", "reasoning", "subject"))
     assert len(records) == 3 and all(len(record.references) == 2 for record in records)
-    assert len(list((tmp_path / "sft" / "images").glob("*.png"))) == 3 * 3
+    subjects = {record.subject for record in records}  # one subject image per subject, shared by its records
+    assert len(list((tmp_path / "sft" / "images").glob("*.png"))) == 3 * 3 + len(subjects)
+    for record in records:
+        assert record.subject_image.name == f"subject-{record.subject}.png"
+        alone = np.asarray(record.load_subject_image())
+        assert alone[0, 0].tolist() == list(SUBJECT_BACKDROP) and (alone != SUBJECT_BACKDROP).any(axis=2).mean() > 0.2  # a cross covers 27 %
     prompts_only = write_dataset(tmp_path / "grpo", "heldout", records=2, references=2, seed=1, with_target=False)
     lines = [json.loads(line) for line in prompts_only.read_text().splitlines()]
     assert all("target" not in line for line in lines)
