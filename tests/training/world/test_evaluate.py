@@ -86,3 +86,15 @@ def test_one_stage_runs_alone_and_an_unknown_stage_is_named(tmp_path, tiny_hf_di
 def test_cli_names_missing_folders(tmp_path, capsys):
     assert main(["--judge", str(tmp_path / "nothing"), "--tasks", "1"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_the_drawn_subject_is_judged_alone_and_shown_under_generate(tmp_path, tiny_hf_dir, judge_dir, clip_dir):
+    report = evaluate_world({"sft": tiny_hf_dir, "grpo": tiny_hf_dir}, clip_dir, judge_dir, tasks=2, seed=0,
+                            out_dir=tmp_path, stages=("sft", "conditions"), subject_source="generate")
+    by_name = {measure["measure"]: measure for measure in report["measures"]}
+    for name in ("subject image, true reasoning", "subject image (c)", "subject image (d)"):
+        assert "subject" in by_name[name] and "prompt" not in by_name[name] and "background" not in by_name[name]
+    assert by_name["subject image (d)"]["bars"] == {"subject": 0.90}
+    assert report["subject_source"] == "generate" and "subject source generate" in (tmp_path / "report.md").read_text()
+    sheet = Image.open(tmp_path / "contact_sheet.png")  # references, target, (a)-(d), the subjects of (c) and (d)
+    assert sheet.size == (128 * (3 + len(CONDITIONS) + 2), 14 + 128 * 2)
