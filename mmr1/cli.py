@@ -7,7 +7,8 @@ from pathlib import Path
 
 from .embedded import MODEL_NAME
 from .errors import InputError, report_user_errors
-from .xcot import SUBJECT_SOURCES
+from .sampling import SamplingSettings
+from .xcot import SUBJECT_SETTINGS, SUBJECT_SOURCES
 
 SUBJECT_FILE = "subject.png"  # the visual intermediate, beside the images
 DEMO_CFG = 3.0  # what the embedded model was evaluated with (training/world/evaluate.py)
@@ -181,8 +182,8 @@ def _open_images(paths: list[Path], what: str) -> list:
     return images
 
 
-def _ground(args: argparse.Namespace, mm, subject_settings=None):
-    from .xcot import SUBJECT_SETTINGS, ground
+def _ground(args: argparse.Namespace, mm, subject_settings: SamplingSettings = SUBJECT_SETTINGS):
+    from .xcot import ground
 
     bar = _TokenBar("grounding")
     try:
@@ -197,7 +198,7 @@ def _ground(args: argparse.Namespace, mm, subject_settings=None):
             seed=args.seed,
             subject_source=args.subject,
             progress=bar,
-            subject_settings=subject_settings or SUBJECT_SETTINGS,
+            subject_settings=subject_settings,
         )
     finally:
         bar.close()
@@ -234,7 +235,6 @@ def _generate_command(args: argparse.Namespace) -> int:
     from .generation import generate
     from .images import tensor_to_pil
     from .metadata import dumps, save_png
-    from .sampling import SamplingSettings
 
     settings = SamplingSettings(cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     if args.mask and not args.ref:

@@ -206,8 +206,8 @@ def train(config: SFTConfig) -> Path:
             bar.set_postfix(loss=f"{totals[0]:.3f}")
             if run.log_due(step):
                 run.log({"step": step, "loss": float(totals[0]), "text_loss": float(totals[1]),
-                         "image_loss": float(totals[2]), "subject_loss": float(totals[3]), "lr": run.learning_rate, "grad_norm": grad_norm,
-                         "seconds": round(time.perf_counter() - started, 3)})
+                         "image_loss": float(totals[2]), "subject_loss": float(totals[3]), "lr": run.learning_rate,
+                         "grad_norm": grad_norm, "seconds": round(time.perf_counter() - started, 3)})
             if run.samples_due(step):
                 with run.generation_weights():
                     grid = sample_records(mm, records, config, synced=run.num_processes > 1)

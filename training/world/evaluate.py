@@ -88,8 +88,8 @@ def diagnose_sft(mm, judge, tasks: list[Example], seed: int, settings: SamplingS
         reasonings += [grounding.reasoning for grounding in ground_batch(
             mm, references, prompts, GROUND_SETTINGS["max_new_tokens"], GROUND_SETTINGS["ground_temperature"],
             GROUND_SETTINGS["ground_top_p"], chunk_seed)]
-        if subject_source == "generate":
-            subjects = [mm.encode_image_tokens([task.subject_image()]).cpu() for task in chunk]
+        if subject_source == "generate":  # the true chain's subject image
+            subjects = list(mm.encode_image_tokens([task.subject_image() for task in chunk]).cpu().split(1))
             drawn.append(draw_subjects(mm, prompts, references, truths, settings, chunk_seed).images)
         else:
             subjects = [extract_subject(mm, refs, subject_source) for refs in references]
@@ -116,13 +116,14 @@ def diagnose_conditions(models: dict, judge, reward: Path, tasks: list[Example],
     from ..dreambench import mode_chains
 
     clip_i, clip_t = (load_reward_model(kind, reward) for kind in ("clip_i", "clip_t"))
+    references = [task.references() for task in tasks]  # rendered once for every condition and score
     measures, columns, subjects = [], {}, []
     for name, model_key, mode in CONDITIONS:
         images, reasonings, subject_images = [], [], []
-        for _, chunk_seed, chunk in batches(tasks, seed):
+        for start, chunk_seed, chunk in batches(tasks, seed):
             prompts = [task.prompt for task in chunk]
             groundings, overrides = mode_chains(
-                models[model_key], prompts, [task.references() for task in chunk], mode, chunk_seed,
+                models[model_key], prompts, references[start : start + len(chunk)], mode, chunk_seed,
                 GROUND_SETTINGS["max_new_tokens"], GROUND_SETTINGS["ground_temperature"],
                 GROUND_SETTINGS["ground_top_p"], subject_source)
             images.append(generate_chains(models[model_key], prompts, groundings, overrides, settings,
@@ -132,7 +133,7 @@ def diagnose_conditions(models: dict, judge, reward: Path, tasks: list[Example],
                 subject_images += [grounding.subject_image[0] for grounding in groundings]
         images = torch.cat(images)
         pils = [Image.fromarray((image.numpy() * 255 + 0.5).astype("uint8")) for image in images]
-        scores_i = [float(clip_i.score([pil], task.references())[0]) for pil, task in zip(pils, tasks)]
+        scores_i = [float(clip_i.score([pil], refs)[0]) for pil, refs in zip(pils, references)]
         extra = {"mode": mode, "model": model_key, "clip_i": sum(scores_i) / len(scores_i),
                  "clip_t": float(clip_t.score(pils, None, [task.prompt for task in tasks]).mean())}
         if mode == "xcot":

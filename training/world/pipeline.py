@@ -11,8 +11,8 @@ stopped; SFT and GRPO also resume inside their stage):
 
 1. `components/`: the VQ tokenizer and the understanding encoder (vq.py, understanding.py);
 2. `judge/`: the evaluation-only attribute classifier (judge.py);
-3. `reward/`: the CLIP-style reward model (clip_reward.py);
-4. `check_vq/`: the stage diagnosis of the VQ (the judge on its reconstructions of held-out renders, flat colours);
+3. `check_vq/`: the stage diagnosis of the VQ (the judge on its reconstructions of held-out renders, flat colours);
+4. `reward/`: the CLIP-style reward model (clip_reward.py);
 5. `base/`: a Janus folder (transformers classes, world tokenizer) holding the trained VQ and encoder;
 6. `data/`: SFT records (with targets and reasoning) and GRPO prompt records, from training subjects only;
 7. `sft/`, then `check_sft/`: the SFT recipe of configs/sft.toml, then its diagnosis (grounding per attribute,
