@@ -106,12 +106,23 @@ def main(argv: list[str] | None = None) -> int:
     return report_user_errors(lambda: _COMMANDS[args.command](args))
 
 
+def _require_new_folder(folder: Path, command: str) -> None:
+    """make-tiny and make-tiny-reward write random weights: a slip on a real model's folder would replace its
+    weights, so they write only into a new or empty folder, checked before anything is built."""
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder} is a file; {command} writes a model folder.")
+    if folder.is_dir() and any(folder.iterdir()):
+        raise InputError(f"{folder} is not empty; {command} writes only into a new or empty folder, so that it never "
+                         "replaces a model's weights with random ones.")
+
+
 def _make_tiny(args: argparse.Namespace) -> int:
     import torch
 
     from .loading import resolve_dtype
     from .tiny import SHAPES, make_tiny_checkpoint
 
+    _require_new_folder(args.out_dir, "make-tiny")
     path = make_tiny_checkpoint(args.out_dir, layout=args.layout, seed=args.seed, spec=SHAPES[args.shape],
                                 dtype=resolve_dtype(args.dtype, torch.device("cpu")))
     print(f"wrote a random {args.shape}-shaped {args.layout}-layout Janus checkpoint ({args.dtype}) to {path}")
@@ -142,6 +153,7 @@ class _TokenBar:
 def _make_tiny_reward(args: argparse.Namespace) -> int:
     from .rewards import make_tiny_reward_checkpoint
 
+    _require_new_folder(args.out_dir, "make-tiny-reward")
     path = make_tiny_reward_checkpoint(args.out_dir, args.kind, seed=args.seed)
     print(f"wrote a tiny {args.kind} reward model to {path}")
     return 0

@@ -174,11 +174,18 @@ def _load_janus(folder: Path, layout: str, tokens: SpecialTokens, dtype: torch.d
         raise
     except (SafetensorError, RuntimeError, ValueError, OSError, KeyError, EOFError) as error:
         raise ModelFolderError(f"Could not load the weights in {folder}: {_first_line(error)}") from error
+    check_load_report(folder, info)
+    return model
+
+
+def check_load_report(folder: Path, info: dict) -> None:
+    """Refuse weights that do not fit the architecture, from the report of `from_pretrained(output_loading_info=True)`:
+    transformers fills missing tensors with random values and drops unexpected ones with a log line only, so a folder
+    with a tensor missing would load as noise."""
     problems = {name: sorted(info.get(name) or []) for name in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if any(problems.values()):
         details = "; ".join(f"{name.replace('_', ' ')}: {_preview(keys)}" for name, keys in problems.items() if keys)
         raise ModelFolderError(f"The weights in {folder} do not match its config.json ({details}).")
-    return model
 
 
 def _dtype_kwarg() -> str:

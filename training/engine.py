@@ -6,13 +6,14 @@ Layout of a run's `output_dir`:
 
     metrics.jsonl              one JSON line per logged step
     checkpoints/step-000020/   a folder mmr1 loads (model or LoRA adapter, processor, mmr1_training.json)
-        engine_state/          optimizer, schedule, RNG states and model as accelerate saves them
-        trainer_state.json     step and data position
+        engine_state/          optimizer, RNG states and model as accelerate saves them
+        trainer_state.json     step, data position and learning-rate schedule
     final/                     the last step's export, without the engine state
     samples/step-000020.png    sample grids (GRPO), curves.png at the end
 
 A run started again with the same output_dir resumes from its newest checkpoint (`resume = true`), and the result
-is the same as a run that was never interrupted.
+is the same as a run that was never interrupted. A resume reads only JSON, safetensors and torch archives of
+tensors and plain data (`check_code_free`), so a run folder someone else prepared cannot run code.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 from mmr1.errors import MMR1Error
 from mmr1.xcot import SUBJECT_SOURCES
 
-from .checkpoints import publish, remove_leftovers, retire, temporary_name
+from .checkpoints import check_code_free, publish, remove_leftovers, retire, temporary_name
 from .config import ConfigError, config_to_dict, knob
 from .data import RecordOrder
 from .memory import engine_kind
@@ -216,7 +217,21 @@ class Run:
         if saved["recipe"] != self.recipe or changed:
             raise ConfigError(f"output_dir {self.output} holds a {saved['recipe']} run whose config differs in "
                               f"{changed or ['recipe']}; resume it with the same config or choose another output_dir.")
+        self._check_engine_state(folders[-1], saved)
         return folders[-1]
+
+    def _check_engine_state(self, folder: Path, saved: dict) -> None:
+        """Refuse, before any model loads, a checkpoint whose resume could run code: accelerate loads the states
+        of registered objects (custom_checkpoint_*.pkl, the schedule's before this kit kept it in JSON) with
+        weights_only=False, and every other pickle must pass `check_code_free`."""
+        pickled = sorted((folder / ENGINE_STATE).glob("custom_checkpoint_*.pkl"))
+        if pickled or "scheduler" not in saved:
+            found = f"holds {pickled[0].relative_to(folder)}" if pickled else f"has no schedule in {TRAINER_STATE}"
+            raise ConfigError(f"checkpoint {folder} {found}: earlier versions of this kit kept the schedule in a "
+                              "pickle that accelerate loads with weights_only=False, which can run code, so it is not "
+                              "resumed. Choose another output_dir (with model = that checkpoint to continue from its "
+                              "weights).")
+        check_code_free(folder / ENGINE_STATE)
 
     def prepare(self, policy: Policy, loss: Callable[..., Any]) -> torch.nn.Module:
         """Wrap the policy's model and `loss` for the engine; build the optimizer and the warmup schedule."""
@@ -227,7 +242,8 @@ class Run:
             policy.mm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         parameters = [p for p in policy.mm.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
-        # Not prepared: accelerate would step a prepared scheduler once per process.
+        # Not prepared: accelerate would step a prepared scheduler once per process. Nor registered for accelerate's
+        # checkpoints, which unpickle with weights_only=False: its state goes into trainer_state.json.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: min(1.0, (step + 1) / max(config.warmup_steps, 1))
         )
@@ -238,7 +254,6 @@ class Run:
                 # (GRPO) or one batch (SFT).
                 plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 1
         self.objective, self.optimizer = self.accelerator.prepare(Objective(policy.mm.model, loss), optimizer)
-        self.accelerator.register_for_checkpointing(self.scheduler)
         self.parameters = parameters
         return self.objective
 
@@ -306,6 +321,7 @@ class Run:
             return 0
         self.accelerator.load_state(str(self.latest / ENGINE_STATE))
         state = json.loads((self.latest / TRAINER_STATE).read_text(encoding="utf-8"))
+        self.scheduler.load_state_dict(state["scheduler"])
         order.load_state_dict(state["order"])
         step = int(state["step"])
         if self.is_main:
@@ -453,7 +469,8 @@ class Run:
         def fill_engine(folder: Path) -> None:
             self.accelerator.save_state(str(folder / ENGINE_STATE))
             if self.is_main:
-                state = {"step": step, "order": order.state_dict(), **self._record(step)}
+                state = {"step": step, "order": order.state_dict(), "scheduler": self.scheduler.state_dict(),
+                         **self._record(step)}
                 (folder / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
 
         folder = self._write(self.checkpoints / f"step-{step:06d}", step, fill_engine)

@@ -294,8 +294,11 @@ def load_reward_model(
 ) -> RewardModel:
     """Load a reward of `kind` from a local folder, checking it is that architecture before reading weights.
 
-    Only local files are read, remote code is never trusted, and weights come through transformers' safe loaders.
+    Only local files are read, remote code is never trusted, and weights come through transformers' safe loaders;
+    weights that do not fit the architecture (a tensor missing, which would be random) are refused.
     """
+    from ..loading import check_load_report
+
     if kind not in _KIND_SPECS:
         raise InputError(f"Unknown reward kind {kind!r}; expected one of {', '.join(REWARD_KINDS)}.")
     spec = _KIND_SPECS[kind]
@@ -317,8 +320,8 @@ def load_reward_model(
         image_processor = _image_processor_class(spec.image_processor_class).from_pretrained(
             folder, local_files_only=True
         )
-        model = getattr(transformers, spec.model_class).from_pretrained(
-            folder, local_files_only=True, **spec.model_kwargs
+        model, report = getattr(transformers, spec.model_class).from_pretrained(
+            folder, local_files_only=True, output_loading_info=True, **spec.model_kwargs
         )
         tokenizer = (
             transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
@@ -327,6 +330,7 @@ def load_reward_model(
         )
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
         raise ModelFolderError(f"Cannot load the {kind} reward model from {folder}: {error}") from error
+    check_load_report(folder, report)
 
     device = torch.device(device)
     if spec.uses_text:

@@ -323,6 +323,37 @@ def test_error_other_bad_input_without_traceback(tiny_hf_dir, tmp_path, capsys, 
     _expect_error(["generate", "--model", tiny_hf_dir, "--prompt", PROMPT, *extra], capsys)
 
 
+MAKE_TINY = {"make-tiny": ("mmr1.tiny", "make_tiny_checkpoint", []),
+             "make-tiny-reward": ("mmr1.rewards", "make_tiny_reward_checkpoint", ["--kind", "dino"])}
+
+
+@pytest.mark.parametrize("command", MAKE_TINY)
+def test_make_tiny_refuses_a_non_empty_folder_before_building(command, tmp_path, monkeypatch, capsys):
+    """A slip on a real model's folder must not replace its weights with random ones."""
+    module, builder, options = MAKE_TINY[command]
+
+    def build(*args, **kwargs):
+        raise AssertionError(f"{builder} ran before the folder was checked")
+
+    monkeypatch.setattr(f"{module}.{builder}", build)
+    folder = tmp_path / "Janus-Pro-7B"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"real weights")
+    _expect_error([command, folder, *options], capsys, str(folder), "not empty")
+    assert [path.name for path in folder.iterdir()] == ["model.safetensors"]
+    assert (folder / "model.safetensors").read_bytes() == b"real weights"
+    _expect_error([command, folder / "model.safetensors", *options], capsys, str(folder / "model.safetensors"), "file")
+    assert (folder / "model.safetensors").read_bytes() == b"real weights"
+
+
+def test_make_tiny_reward_writes_into_an_empty_folder(tmp_path, capsys):
+    folder = tmp_path / "dino"
+    folder.mkdir()
+    code, out, err = run(["make-tiny-reward", folder, "--kind", "dino"], capsys)
+    assert code == 0, err
+    assert (folder / "config.json").is_file()
+
+
 # ---------------------------------------------------------------------------------------------------- score
 
 

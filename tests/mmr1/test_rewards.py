@@ -372,6 +372,23 @@ def test_corrupt_weights_or_preprocessor(folders, tmp_path):
         load_reward_model("clip_i", folder)
 
 
+@pytest.mark.parametrize("kind", ["dino", "dinov2", "clip_t"])
+def test_weights_missing_a_tensor_are_refused_not_random(folders, tmp_path, kind):
+    """transformers would fill the tensor with random values, and the scores would be noise. The error names the
+    one tensor missing (by the model's name for it, which transformers 5 renames from the file's)."""
+    from safetensors.torch import load_file, save_file
+
+    folder = _broken_copy(folders[kind], tmp_path / kind)
+    weights = load_file(folder / "model.safetensors")
+    removed = sorted(weights)[len(weights) // 2]
+    del weights[removed]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    leaf = removed.rsplit(".", 1)[1]
+    message = f"{re.escape(str(folder))} do not match its config.json \\(missing keys: [^,;]+\\.{leaf}\\)\\.$"
+    with pytest.raises(ModelFolderError, match=message):
+        load_reward_model(kind, folder)
+
+
 def test_clip_i_loads_without_tokenizer(folders, tmp_path, images):
     folder = _broken_copy(folders["clip_i"], tmp_path / "clip_i", "tokenizer.json", "tokenizer_config.json")
     assert load_reward_model("clip_i", folder).score(images[:1], references=images[:1]).shape == (1,)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +24,7 @@ from training.config import ConfigError, build_config
 from training.data import Record, RecordOrder, write_records
 from training.engine import TRAINER_STATE
 from training.grpo import GRPOConfig
+from training.grpo import main as grpo_main
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 6
@@ -57,8 +60,8 @@ def grpo_command(config: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "training.grpo", "--config", str(config), *extra]
 
 
-def run(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=timeout)
+def run(command: list[str], timeout: float = 300, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=cwd, env=environment(), capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -232,3 +235,116 @@ def test_a_missing_train_extra_is_named_before_anything_loads(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "matplotlib" else find_spec(name, *args))
     with pytest.raises(MMR1Error, match=r"matplotlib: pip install -e '\.\[train\]'"):
         require_training_extras()
+
+
+# -- planted pickles: a resume reads only JSON, safetensors and torch archives of tensors and plain data ----------
+
+
+class Planted:
+    """Unpickling it creates `marker`: the code someone could plant in a run folder they prepared."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+@pytest.fixture(scope="module")
+def checkpointed(tiny_hf_dir, prompts, tmp_path_factory) -> Path:
+    """A finished 2-step run with checkpoints at steps 1 and 2, in warmup (the schedule differs at each step), under
+    a relative output_dir, so that a copy of the folder is the same run."""
+    folder = tmp_path_factory.mktemp("checkpointed")
+    write_config(folder, tiny_hf_dir, prompts, steps=2, save_every=1, warmup_steps=3, output_dir="run")
+    run(grpo_command(folder / "grpo.toml"), cwd=folder)
+    return folder
+
+
+def plant_torch_archive(checkpoint: Path, name: str, marker: Path) -> Path:
+    torch.save(Planted(marker), checkpoint / name)
+    return checkpoint / name
+
+
+def plant_raw_pickle(checkpoint: Path, name: str, marker: Path) -> Path:
+    (checkpoint / name).write_bytes(pickle.dumps(Planted(marker)))
+    return checkpoint / name
+
+
+def plant_in_place_of_the_weights(checkpoint: Path, name: str, marker: Path) -> Path:
+    """accelerate reads the model from pytorch_model.bin where model.safetensors is missing."""
+    (checkpoint / "engine_state" / "model.safetensors").unlink()
+    return plant_torch_archive(checkpoint, name, marker)
+
+
+def unpickle(path: Path):
+    """What accelerate does with custom_checkpoint_*.pkl (and torch or DeepSpeed with sharded states)."""
+    return torch.load(path, weights_only=False) if path.read_bytes()[:2] == b"PK" else pickle.loads(path.read_bytes())
+
+
+PLANTS = {
+    "custom-checkpoint": (plant_torch_archive, "engine_state/custom_checkpoint_0.pkl"),
+    "optimizer": (plant_torch_archive, "engine_state/optimizer.bin"),
+    "rng-states": (plant_torch_archive, "engine_state/random_states_0.pkl"),
+    "rng-states-raw-pickle": (plant_raw_pickle, "engine_state/random_states_0.pkl"),
+    "model-weights": (plant_in_place_of_the_weights, "engine_state/pytorch_model.bin"),
+    "extra-file": (plant_torch_archive, "engine_state/scaler.pt"),
+}
+
+
+def refused(case: Path, capsys) -> str:
+    """Resume `case` (a copy of the checkpointed run) through the command line; returns its one `error:` line."""
+    capsys.readouterr()
+    assert grpo_main(["--config", str(case / "grpo.toml")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("plant, name", PLANTS.values(), ids=PLANTS.keys())
+def test_a_pickle_planted_where_a_resume_reads_never_runs(plant, name, checkpointed, tmp_path, monkeypatch, capsys):
+    case = tmp_path / "case"
+    shutil.copytree(checkpointed, case)
+    monkeypatch.chdir(case)
+    marker = tmp_path / "marker"
+    planted = plant(case / "run" / "checkpoints" / "step-000002", name, marker)
+    error = refused(case, capsys)
+    assert not marker.exists()
+    assert str(Path("run") / "checkpoints" / "step-000002") in error and Path(name).name in error
+    unpickle(planted)  # the plant is live: unpickled as accelerate unpickles registered states, it runs
+    assert marker.exists()
+
+
+def test_a_checkpoint_without_its_schedule_in_json_is_refused(checkpointed, tmp_path, monkeypatch, capsys):
+    """One written before the schedule moved to trainer_state.json (its pickle then was custom_checkpoint_0.pkl)."""
+    case = tmp_path / "case"
+    shutil.copytree(checkpointed, case)
+    monkeypatch.chdir(case)
+    state_file = case / "run" / "checkpoints" / "step-000002" / TRAINER_STATE
+    state = json.loads(state_file.read_text())
+    del state["scheduler"]
+    state_file.write_text(json.dumps(state))
+    assert f"has no schedule in {TRAINER_STATE}" in refused(case, capsys)
+
+
+def test_a_refused_checkpoint_deleted_the_run_resumes_from_the_older_one(checkpointed, tmp_path, monkeypatch,
+                                                                         capsys):
+    """As the error says; the schedule (in warmup here) comes back from JSON, and the run ends bit-identical to the
+    uninterrupted one. Nothing a checkpoint holds is a pickle of objects."""
+    case = tmp_path / "case"
+    shutil.copytree(checkpointed, case)
+    monkeypatch.chdir(case)
+    newest = case / "run" / "checkpoints" / "step-000002"
+    marker = tmp_path / "marker"
+    plant_torch_archive(newest, "engine_state/optimizer.bin", marker)
+    refused(case, capsys)
+    shutil.rmtree(newest)
+    shutil.rmtree(case / "run" / "final")
+    result = run(grpo_command(case / "grpo.toml"), cwd=case)
+    assert "resumed from run/checkpoints/step-000001 (step 1)" in result.stdout
+    assert not marker.exists()
+    resumed, reference = weights(case / "run" / "final"), weights(checkpointed / "run" / "final")
+    assert all(torch.equal(resumed[key], reference[key]) for key in reference)
+    for checkpoint in (case / "run" / "checkpoints").iterdir():
+        assert not list((checkpoint / "engine_state").glob("custom_checkpoint_*"))
+        assert json.loads((checkpoint / TRAINER_STATE).read_text())["scheduler"]["last_epoch"] == int(
+            checkpoint.name.split("-")[1])
