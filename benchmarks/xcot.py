@@ -13,7 +13,6 @@ import argparse
 from dataclasses import replace
 
 import torch
-from PIL import Image
 
 from benchmarks.common import add_model_options, describe, machine, model_under_test, table
 from training.timing import PhaseClock
@@ -22,6 +21,7 @@ from training.timing import PhaseClock
 def main(argv: list[str] | None = None) -> int:
     from mmr1.embedded import MODEL_NAME, demo_task
     from mmr1.generation import generation_sequence
+    from mmr1.images import open_image, to_rgb
     from mmr1.prompting import batch_prefix, embed_sequence
     from mmr1.sampling import Modality, SamplingSettings, sample_tokens
     from mmr1.xcot import extract_subject, ground
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
     mm = model_under_test(args)
     paths, prompt = demo_task()
-    references = [Image.open(path).convert("RGB") for path in paths]
+    references = [to_rgb(open_image(path, "reference image")) for path in paths]
     tokens = args.tokens or mm.num_image_tokens
     settings = SamplingSettings(cfg_scale=args.cfg)
     clock = PhaseClock(mm.device)

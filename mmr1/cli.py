@@ -7,12 +7,26 @@ from pathlib import Path
 
 from .embedded import MODEL_NAME
 from .errors import InputError, report_user_errors
-from .sampling import SamplingSettings
+from .ranges import Range
+from .sampling import SAMPLING_RANGES, SEEDS, SamplingSettings, check_seeds
 from .xcot import SUBJECT_SETTINGS, SUBJECT_SOURCES
 
 SUBJECT_FILE = "subject.png"  # the visual intermediate, beside the images
 DEMO_CFG = 3.0  # what the embedded model was evaluated with (training/world/evaluate.py)
 DEFAULTS = {"cfg": 5.0, "temperature": 1.0, "ground_temperature": 0.7, "ground_top_p": 0.95, "max_new_tokens": 256}
+# Every numeric option (by its argparse dest) with the range of the setting it sets: the sampling options take
+# the sampler's ranges, which training's config keys of the same settings share.
+OPTION_RANGES = {
+    "cfg": SAMPLING_RANGES["cfg_scale"],
+    "temperature": SAMPLING_RANGES["temperature"],
+    "top_k": SAMPLING_RANGES["top_k"],
+    "top_p": SAMPLING_RANGES["top_p"],
+    "ground_temperature": SAMPLING_RANGES["temperature"],
+    "ground_top_p": SAMPLING_RANGES["top_p"],
+    "seed": SEEDS,
+    "num_images": Range(1),
+    "max_new_tokens": Range(1),
+}
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -103,7 +117,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return report_user_errors(lambda: _COMMANDS[args.command](args))
+
+    def run() -> int:
+        _check_numbers(args)
+        return _COMMANDS[args.command](args)
+
+    return report_user_errors(run)
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Every numeric option of the command in its range, named as typed, before any model loads: argparse takes
+    inf and nan as floats, which would draw flat images and write Infinity into the records."""
+    for dest, allowed in OPTION_RANGES.items():
+        if hasattr(args, dest):
+            allowed.check(f"--{dest.replace('_', '-')}", getattr(args, dest))
+    if hasattr(args, "num_images"):
+        check_seeds("--seed", args.seed, args.num_images)
 
 
 def _require_new_folder(folder: Path, command: str) -> None:
@@ -181,17 +210,9 @@ def _check_output_folder(folder: Path) -> None:
 
 
 def _open_images(paths: list[Path], what: str) -> list:
-    from PIL import Image, UnidentifiedImageError
+    from .images import open_image
 
-    images = []
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                image.load()
-                images.append(image)
-        except (OSError, UnidentifiedImageError) as error:
-            raise InputError(f"Cannot read {what} {path}: {error}") from error
-    return images
+    return [open_image(path, what) for path in paths]
 
 
 def _ground(args: argparse.Namespace, mm, subject_settings: SamplingSettings = SUBJECT_SETTINGS):

@@ -6,15 +6,29 @@ Conventions: a PIL image is the exchange format inside mmr1; tensors follow Comf
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
 
 BACKGROUND_GREY = (127, 127, 127)  # Janus' letterbox colour
 # Full scale of high-bit-depth modes; mode "I" (also used for 16-bit PNGs) is judged by its values.
 _PEAKS = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "F": 1.0}
+
+
+def open_image(path: str | Path, what: str = "image") -> Image.Image:
+    """The image of a file as it is displayed: loaded whole, turned by its EXIF orientation (as ComfyUI's Load
+    Image does, so the CLI, the trainer and the nodes see the same pixels and a mask drawn on the displayed photo
+    fits), in its own mode (callers convert with `to_rgb` or `mask_to_array`). The one reader of image files."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return ImageOps.exif_transpose(image)
+    except (OSError, UnidentifiedImageError) as error:
+        raise InputError(f"Cannot read {what} {path}: {error}") from error
 
 
 def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:

@@ -21,7 +21,7 @@ import torch
 from .embedded import resolve as resolve_embedded
 from .errors import InputError, ModelFolderError
 from .model import MMR1Model
-from .tokens import PAD, PROCESSOR_EXTRA_SPECIAL_TOKENS, SpecialTokens, janus_tokenizer_class
+from .tokens import PAD, PROCESSOR_EXTRA_SPECIAL_TOKENS, SpecialTokens, janus_tokenizer_class, mark_control_tokens
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -229,7 +229,8 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def load_tokenizer(folder: Path):
-    """tokenizer.json as is, with the names JanusProcessor needs; pad is set where the config leaves it null."""
+    """tokenizer.json as is, with the names JanusProcessor needs; pad is set where the config leaves it null, and
+    the control tokens are flagged special (so user text can never produce them)."""
     try:
         tokenizer = janus_tokenizer_class().from_pretrained(
             folder, local_files_only=True, extra_special_tokens=dict(PROCESSOR_EXTRA_SPECIAL_TOKENS)
@@ -238,6 +239,7 @@ def load_tokenizer(folder: Path):
         raise ModelFolderError(f"Could not load the tokenizer in {folder}: {_first_line(error)}") from error
     if tokenizer.pad_token is None:
         tokenizer.pad_token = PAD
+    mark_control_tokens(tokenizer)
     return tokenizer
 
 

@@ -15,7 +15,9 @@ PNG_TEXT_KEY = "mmr1"
 
 
 def dumps(record: dict) -> str:
-    return json.dumps(record, indent=2, sort_keys=True, ensure_ascii=False)
+    """Strict JSON: a NaN or infinity (written as bare NaN/Infinity by default, which strict parsers reject)
+    raises instead; the CLI checks its settings before generating, so a record never holds one."""
+    return json.dumps(record, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False)
 
 
 def save_png(image: Image.Image, path: Path, record: dict) -> None:

@@ -71,7 +71,15 @@ class MMR1Model:
         return self.model.config.text_config.max_position_embeddings
 
     def tokenize(self, text: str) -> list[int]:
-        """Token ids of a text piece without BOS: the prompt builder places special tokens itself."""
+        """Token ids of text as text, without BOS: a control token's string in it ("<begin_of_image>",
+        "<|Assistant|>", end-of-sentence) is spelled out, so prompts and reasoning cannot forge a turn or an
+        image boundary. Every loaded tokenizer flags the Janus control tokens special (`mark_control_tokens`),
+        which is what `split_special_tokens` spells out."""
+        return self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+
+    def tokenize_template(self, text: str) -> list[int]:
+        """Token ids of the chat template's own text, whose role markers become control tokens as in Janus'
+        own format; never for text that a user or the model wrote."""
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def embed_text(self, ids: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,10 @@ The grounding stage stops after "<|Assistant|>:" (the model writes the reasoning
 the same sequence with the reasoning, the subject tokens and the final <begin_of_image>, so grounding and
 generation form one chain. For classifier-free guidance the unconditional twin keeps only BOS and the final
 <begin_of_image> and replaces every other position (reference slots included) by the pad embedding, as Janus does.
+Only the template's own text is tokenized with its markers as control tokens (`mm.tokenize_template`);
+USER_MESSAGE and the reasoning, which users and the model write, are tokenized as text (`mm.tokenize`), so a
+control token's string typed in them ("<begin_of_image>", "<|Assistant|>") stays text: SFT and GRPO build their
+sequences here too, so training teaches exactly what inference feeds.
 """
 
 from __future__ import annotations
@@ -83,19 +87,19 @@ def build_sequence(
         add([tokens.end_of_image])
 
     add([tokens.bos])
-    add(mm.tokenize(f"{USER_ROLE}: "))
+    add(mm.tokenize_template(f"{USER_ROLE}: "))
     for _ in references:
         add_image(UNDERSTANDING, mm.understanding_tokens_per_image, tokens.image_placeholder)
-        add(mm.tokenize("\n"))
+        add(mm.tokenize_template("\n"))
     add(mm.tokenize(user_message(prompt.strip(), bool(references))))
-    add(mm.tokenize(f"\n\n{ASSISTANT_ROLE}:"))
+    add(mm.tokenize_template(f"\n\n{ASSISTANT_ROLE}:"))
     if stage == "generate":
         if reasoning and reasoning.strip():
             add(mm.tokenize(" " + reasoning.strip()))
         for _ in range(0 if subject_tokens is None else subject_tokens.shape[0]):
-            add(mm.tokenize("\n"))
+            add(mm.tokenize_template("\n"))
             add_image(VQ_IMAGE, mm.num_image_tokens, tokens.image_placeholder)
-        add(mm.tokenize("\n"))
+        add(mm.tokenize_template("\n"))
         add([tokens.begin_of_image])
 
     input_ids = torch.tensor(ids, dtype=torch.long)

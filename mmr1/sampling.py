@@ -21,10 +21,22 @@ import torch
 from .errors import GenerationCancelled, InputError
 from .decoding import decoding_for
 from .prompting import BatchedPrefix
+from .ranges import Range
 
 # (tokens done, tokens total, the [B, total] token buffer filled up to done): enough for bars and previews.
 ProgressCallback = Callable[[int, int, torch.Tensor], None]
 CancelCheck = Callable[[], bool]
+
+# The range of each SamplingSettings field, by its name: the CLI's sampling options and training's config keys of
+# the same settings check against these, so every front end accepts the same values.
+SAMPLING_RANGES = {
+    "cfg_scale": Range(1.0, note="1 disables guidance"),
+    "temperature": Range(0.0, note="0 is greedy"),
+    "top_k": Range(0, note="0 disables it"),
+    "top_p": Range(0.0, 1.0, low_open=True, note="1 disables it"),
+}
+# Row i of a batch draws from a torch generator seeded seed + i, and those take 64-bit unsigned seeds.
+SEEDS = Range(0, 2**64 - 1)
 
 
 @dataclass(frozen=True)
@@ -37,14 +49,8 @@ class SamplingSettings:
     top_p: float = 1.0
 
     def __post_init__(self) -> None:
-        if not self.cfg_scale >= 1.0:
-            raise InputError(f"cfg must be at least 1 (1 disables guidance), got {self.cfg_scale}.")
-        if not self.temperature >= 0.0:
-            raise InputError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}.")
-        if self.top_k < 0:
-            raise InputError(f"top_k must be >= 0 (0 disables it), got {self.top_k}.")
-        if not 0.0 < self.top_p <= 1.0:
-            raise InputError(f"top_p must be in (0, 1], got {self.top_p}.")
+        for name, allowed in SAMPLING_RANGES.items():
+            allowed.check(name, getattr(self, name))
 
     @property
     def guided(self) -> bool:
@@ -85,13 +91,23 @@ def policy_logprobs(logits: torch.Tensor, settings: SamplingSettings) -> torch.T
     return logits.log_softmax(dim=-1)
 
 
+def check_seeds(name: str, seed: int, rows: int = 1) -> None:
+    """Refuse a seed whose rows' seeds (seed .. seed + rows - 1) are not all in SEEDS, naming it as `name`:
+    wrapped into 64 bits, seed 2**70 would draw the pixels of seed 0 while records say 2**70."""
+    SEEDS.check(name, seed)
+    if seed + rows - 1 > SEEDS.high:
+        raise InputError(f"{name} {seed} with {rows} rows needs seeds up to {seed + rows - 1}, beyond the largest "
+                         f"seed {SEEDS.high}; give a smaller seed.")
+
+
 def sampling_noise(seed: int, rows: int, count: int, device: torch.device) -> torch.Tensor:
     """[rows, count] uniforms in [0, 1), row i from a generator seeded seed + i: batches reproduce single runs
     image by image, and no step needs a per-row generator call."""
+    check_seeds("seed", seed, rows)
     noise = torch.empty((rows, count), dtype=torch.float32, device=device)
     for row in range(rows):
         generator = torch.Generator(device=device)
-        generator.manual_seed((seed + row) % 2**64)
+        generator.manual_seed(seed + row)
         noise[row] = torch.rand(count, generator=generator, device=device)
     return noise
 

@@ -77,6 +77,24 @@ class SpecialTokens:
         return cls(**{name: vocab[token] for name, token in wanted.items()})
 
 
+def mark_control_tokens(tokenizer) -> None:
+    """Flag every Janus control token the tokenizer holds as special, keeping its id and matching options.
+
+    `MMR1Model.tokenize` spells out special tokens only, and whether a folder's files flag a token special
+    differs between layouts and transformers versions (5.x keeps a role that tokenizer.json marks plain as plain,
+    so "<|User|>" typed in a prompt would still become the role)."""
+    from tokenizers import AddedToken
+
+    backend = tokenizer.backend_tokenizer
+    plain = [token for token in backend.get_added_tokens_decoder().values()
+             if token.content in JANUS_SPECIAL_TOKENS and not token.special]
+    backend.add_special_tokens([
+        AddedToken(token.content, single_word=token.single_word, lstrip=token.lstrip, rstrip=token.rstrip,
+                   normalized=token.normalized, special=True)
+        for token in plain
+    ])
+
+
 def janus_tokenizer_class():
     """The fast tokenizer class JanusProcessor accepts: any in transformers 5, LlamaTokenizerFast in 4.x.
 

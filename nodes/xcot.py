@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io, ui
 
+from ..mmr1.sampling import SEEDS
 from ..mmr1.xcot import SUBJECT_SOURCES
 from .runtime import TokenProgress, use_models
 from .types import CATEGORY, MMR1Model, MMR1Subject
 
-SEED_MAX = 0xFFFFFFFFFFFFFFFF
+SEED_MAX = SEEDS.high  # the sampler's largest seed: a larger one would wrap onto another's pixels
 
 
 class SubjectGroundingXCoT(io.ComfyNode):

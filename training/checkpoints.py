@@ -55,7 +55,8 @@ def remove_leftovers(parent: Path) -> list[Path]:
 
 
 def write_training_record(folder: Path, record: dict) -> None:
-    (folder / TRAINING_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (folder / TRAINING_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True, allow_nan=False) + "\n",
+                                          encoding="utf-8")
 
 
 def check_code_free(folder: Path) -> None:

@@ -1,7 +1,8 @@
 """Typed training configs: a dataclass per recipe, filled from a TOML file and `--key value` overrides.
 
-Every knob is a dataclass field with a `help` in its metadata, so `--help` lists them all; a bad config fails
-here, before any model loads, naming the key.
+Every knob is a dataclass field with a `help` in its metadata, so `--help` lists them all, and with the values
+it takes (a numeric range, or choices) checked in one place, `check_knobs`; a bad config fails here, before any
+model loads, naming the key.
 """
 
 from __future__ import annotations
@@ -20,17 +21,53 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from mmr1.errors import MMR1Error, report_user_errors
+from mmr1.ranges import Range
 
 T = TypeVar("T")
+FINITE = Range()  # what every float knob without a range of its own must be
+AT_LEAST_ONE, AT_LEAST_ZERO, POSITIVE = Range(1), Range(0), Range(0, low_open=True)  # counts, weights, scales
+PROBABILITY = Range(0.0, 1.0, high_open=True)
 
 
 class ConfigError(MMR1Error):
     """A config file or override that cannot be used, naming the key."""
 
 
-def knob(default: Any, help: str, **kwargs) -> Any:
-    """A config field with its documentation."""
-    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+def knob(default: Any, help: str, within: Range | None = None, choices: tuple | None = None, **kwargs) -> Any:
+    """A config field with its documentation and the values it takes: a number `within` its range (a float knob
+    without one must still be finite), a string or each item of a list among `choices`."""
+    metadata: dict[str, Any] = {"help": help}
+    if within is not None:
+        metadata["range"] = within
+    if choices is not None:
+        metadata["choices"] = choices
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
+
+
+def _rule(cls: type, name: str, kind: str) -> Any:
+    """Knob `name`'s range or choices (`kind`) from the nearest class that gives one, so that a recipe which only
+    changes a shared knob's default keeps its rule."""
+    for base in cls.__mro__:
+        field = getattr(base, "__dataclass_fields__", {}).get(name)
+        if field is not None and kind in field.metadata:
+            return field.metadata[kind]
+    return None
+
+
+def check_knobs(config: Any) -> None:
+    """Every knob of `config` against its rule, naming the key: numbers finite and in range (a NaN learning rate
+    or weight would train NaN weights), strings and list items among their choices. Unset (None) knobs pass."""
+    cls = type(config)
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        allowed = _rule(cls, field.name, "range") or (FINITE if isinstance(value, float) else None)
+        if value is not None and allowed is not None:
+            allowed.check(f"config key {field.name!r}", value, ConfigError)
+        choices = _rule(cls, field.name, "choices")
+        if choices is not None and value is not None:
+            for item in value if isinstance(value, tuple) else (value,):
+                if item not in choices:
+                    raise ConfigError(f"config key {field.name!r} must be one of {choices}, got {item!r}")
 
 
 def _convert(cls: type, name: str, value: Any) -> Any:
@@ -89,8 +126,10 @@ def config_from_args(cls: type[T], description: str, argv: list[str] | None = No
     parser.add_argument("--config", type=Path, help="TOML file with the keys below")
     for field in dataclasses.fields(cls):
         default = None if field.default is dataclasses.MISSING else field.default
+        allowed = _rule(cls, field.name, "range")
         parser.add_argument(f"--{field.name}", default=None, metavar="VALUE",
-                            help=f"{field.metadata.get('help', '')} (default: {default})")
+                            help=f"{field.metadata.get('help', '')} (default: {default}"
+                                 f"{f'; {allowed}' if allowed else ''})")
     args = parser.parse_args(argv)
     values: dict[str, Any] = {}
     if args.config is not None:

@@ -38,10 +38,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from mmr1.errors import InputError, report_user_errors
-from mmr1.images import to_rgb
+from mmr1.images import open_image, to_rgb
 from mmr1.xcot import prepare_references
 
 KEYS = ("references", "masks", "prompt", "target", "subject_image", "reasoning", "subject", "id")  # the files' order
@@ -94,9 +94,9 @@ class Record:
 
     def load_references(self) -> list[Image.Image]:
         """The references as RGB, each cropped to its mask as at inference (a null mask keeps the whole photo)."""
-        images = [_open_image(path, f"record {self.id} reference") for path in self.references]
+        images = [open_image(path, f"record {self.id} reference") for path in self.references]
         masks = None if self.masks is None else [
-            Image.new("L", image.size, 255) if mask is None else _open_image(mask, f"record {self.id} mask")
+            Image.new("L", image.size, 255) if mask is None else open_image(mask, f"record {self.id} mask")
             for image, mask in zip(images, self.masks)
         ]
         try:
@@ -106,13 +106,13 @@ class Record:
 
     def load_target(self) -> Image.Image | None:
         """The target as RGB, or None for prompt-only (GRPO) records."""
-        return None if self.target is None else to_rgb(_open_image(self.target, f"record {self.id} target"))
+        return None if self.target is None else to_rgb(open_image(self.target, f"record {self.id} target"))
 
     def load_subject_image(self) -> Image.Image | None:
         """The subject alone as RGB (the intermediate SFT teaches under subject_source 'generate'), or None."""
         if self.subject_image is None:
             return None
-        return to_rgb(_open_image(self.subject_image, f"record {self.id} subject image"))
+        return to_rgb(open_image(self.subject_image, f"record {self.id} subject image"))
 
     def to_json(self, base: Path) -> dict:
         """The JSONL object: paths inside `base` relative to it (the dataset can move), others absolute."""
@@ -133,15 +133,6 @@ class Record:
             "id": self.id,
         }
         return {key: value for key, value in values.items() if value is not None}
-
-
-def _open_image(path: Path, what: str) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image
-    except (OSError, UnidentifiedImageError) as error:
-        raise InputError(f"Cannot read {what} {path}: {error}") from error
 
 
 def _listed(items: Sequence[str]) -> str:

@@ -33,12 +33,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm.auto import tqdm
 
 from mmr1.errors import InputError, report_user_errors
 from mmr1.generation import generate
-from mmr1.images import to_rgb
+from mmr1.images import open_image, to_rgb
 from mmr1.metadata import save_png
 from mmr1.rewards import RewardModel
 from mmr1.sampling import SamplingSettings
@@ -247,15 +247,7 @@ def _check_output_folder(folder: Path) -> None:
 
 
 def _open_photos(paths: Sequence[Path]) -> list[Image.Image]:
-    photos = []
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                image.load()
-                photos.append(to_rgb(image, str(path)))
-        except (OSError, UnidentifiedImageError) as error:
-            raise InputError(f"Cannot read the DreamBench photo {path}: {error}") from error
-    return photos
+    return [to_rgb(open_image(path, "the DreamBench photo"), str(path)) for path in paths]
 
 
 def mode_chains(
@@ -440,6 +432,7 @@ def _evaluate_command(args: argparse.Namespace) -> int:
     from mmr1.loading import load_model
     from mmr1.rewards import load_reward_model
 
+    settings = SamplingSettings(cfg_scale=args.cfg)  # checked before any model loads
     rewards = {}
     if args.dino:
         rewards["dino"] = load_reward_model("dino", args.dino)
@@ -450,11 +443,12 @@ def _evaluate_command(args: argparse.Namespace) -> int:
     result = evaluate_dreambench(
         load_model(args.model), args.root, rewards, subjects=split_names(args.subjects),
         prompts_per_subject=args.prompts, images_per_prompt=args.images_per_prompt, references=args.references,
-        seed=args.seed, settings=SamplingSettings(cfg_scale=args.cfg), mode=args.mode, out_dir=args.out)
+        seed=args.seed, settings=settings, mode=args.mode, out_dir=args.out)
     table = result.markdown()
     if args.out is not None:
         (args.out / "dreambench.md").write_text(table, encoding="utf-8")
-        (args.out / "dreambench.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+        (args.out / "dreambench.json").write_text(json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n",
+                                                  encoding="utf-8")
     print(table)
     return 0
 

@@ -23,6 +23,7 @@ import copy
 import importlib.util
 import itertools
 import json
+import math
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,10 +33,12 @@ from typing import Any
 import torch
 
 from mmr1.errors import MMR1Error
+from mmr1.ranges import Range
 from mmr1.xcot import SUBJECT_SOURCES
 
 from .checkpoints import check_code_free, publish, remove_leftovers, retire, temporary_name
-from .config import ConfigError, config_to_dict, knob
+from .config import (AT_LEAST_ONE, AT_LEAST_ZERO, POSITIVE, PROBABILITY, ConfigError, check_knobs, config_to_dict,
+                     knob)
 from .data import RecordOrder
 from .memory import engine_kind
 from .plots import plot_curves
@@ -45,6 +48,8 @@ TRAINER_STATE = "trainer_state.json"
 ENGINE_STATE = "engine_state"
 # Keys that may change between a run and its resumption without changing what it computes.
 RESUMABLE_CHANGES = {"steps", "log_every", "save_every", "sample_every", "keep_checkpoints", "resume", "device"}
+TRAINING_SEEDS = Range(0, 2**32 - 1, note="accelerate's set_seed seeds numpy, which takes 32 bits")
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu", "npu")  # accelerate gives each process its index
 
 
 @dataclass(frozen=True)
@@ -54,49 +59,43 @@ class RunConfig:
     model: Path = knob(None, "Janus checkpoint folder to start from (any layout mmr1 loads)")
     data: Path = knob(None, "JSONL records; see training/data.py")
     output_dir: Path = knob(Path("runs/train"), "checkpoints, metrics.jsonl, samples and curves.png go here")
-    steps: int = knob(100, "optimizer steps")
-    learning_rate: float = knob(1e-5, "AdamW learning rate (constant after warmup)")
-    warmup_steps: int = knob(0, "linear learning-rate warmup steps")
-    weight_decay: float = knob(0.0, "AdamW weight decay")
-    max_grad_norm: float = knob(1.0, "gradient clipping norm (0 disables)")
-    lora_rank: int = knob(0, "LoRA rank on the language model's projections (0: full fine-tune)")
-    lora_alpha: float = knob(16.0, "LoRA alpha (scale alpha/rank)")
-    lora_dropout: float = knob(0.0, "LoRA dropout")
-    lora_targets: tuple[str, ...] = knob(LORA_TARGETS, "language-model module names that get LoRA adapters")
+    steps: int = knob(100, "optimizer steps", within=AT_LEAST_ONE)
+    learning_rate: float = knob(1e-5, "AdamW learning rate (constant after warmup)", within=AT_LEAST_ZERO)
+    warmup_steps: int = knob(0, "linear learning-rate warmup steps", within=AT_LEAST_ZERO)
+    weight_decay: float = knob(0.0, "AdamW weight decay", within=AT_LEAST_ZERO)
+    max_grad_norm: float = knob(1.0, "gradient clipping norm (0 disables)", within=Range(0.0, note="0 disables"))
+    lora_rank: int = knob(0, "LoRA rank on the language model's projections (0: full fine-tune)", within=AT_LEAST_ZERO)
+    lora_alpha: float = knob(16.0, "LoRA alpha (scale alpha/rank)", within=POSITIVE)
+    lora_dropout: float = knob(0.0, "LoRA dropout", within=PROBABILITY)
+    lora_targets: tuple[str, ...] = knob(LORA_TARGETS, "language-model module names that get LoRA adapters",
+                                         choices=LORA_TARGETS)
     subject_source: str = knob("reference", f"visual intermediate in the chain, one of {SUBJECT_SOURCES}: the first "
                                             "reference's VQ tokens, none, or the subject drawn by the model after "
-                                            "its reasoning (SFT data then needs subject_image)")
-    dtype: str = knob("fp32", "fp32, or bf16 (autocast with fp32 master weights, accelerate mixed precision)")
+                                            "its reasoning (SFT data then needs subject_image)",
+                               choices=SUBJECT_SOURCES)
+    dtype: str = knob("fp32", "fp32, or bf16 (autocast with fp32 master weights, accelerate mixed precision)",
+                      choices=("fp32", "bf16"))
     gradient_checkpointing: bool = knob(True, "recompute each decoder layer's activations in backward: a GRPO "
                                               "group's 2G long rows otherwise hold L layers of activations")
-    device: str | None = knob(None, "'cpu' forces the CPU; otherwise accelerate picks each process's device")
-    seed: int = knob(0, "seed of data order, sampling and initialisation")
-    log_every: int = knob(1, "steps between metrics lines")
-    save_every: int = knob(0, "steps between resumable checkpoints (0: only at the end)")
+    device: str | None = knob(None, "'cpu' forces the CPU; otherwise accelerate picks each process's device",
+                              choices=DEVICE_TYPES)
+    seed: int = knob(0, "seed of data order, sampling and initialisation", within=TRAINING_SEEDS)
+    log_every: int = knob(1, "steps between metrics lines", within=AT_LEAST_ONE)
+    save_every: int = knob(0, "steps between resumable checkpoints (0: only at the end)", within=AT_LEAST_ZERO)
     sample_every: int = knob(0, "steps between sample grids in samples/ (GRPO: a group's rollouts with their "
-                                "rewards; SFT: the first 4 records) (0: never)")
-    keep_checkpoints: int = knob(2, "newest resumable checkpoints kept (older ones are deleted)")
+                                "rewards; SFT: the first 4 records) (0: never)", within=AT_LEAST_ZERO)
+    keep_checkpoints: int = knob(2, "newest resumable checkpoints kept (older ones are deleted)", within=AT_LEAST_ONE)
     resume: bool = knob(True, "continue from the newest checkpoint in output_dir when there is one")
 
-    def check_run_keys(self, at_least_one: tuple[str, ...] = ()) -> None:
-        """The checks every recipe shares; recipes call it from __post_init__ with their own counts."""
+    def check_run_keys(self) -> None:
+        """The checks every recipe shares (every knob's rule, the required folders); recipes call it from
+        __post_init__."""
+        check_knobs(self)
         for name in ("model", "data"):
             if getattr(self, name) is None:
                 raise ValueError(f"config key {name!r} is required")
-        for name in ("steps", "log_every", "keep_checkpoints", *at_least_one):
-            if getattr(self, name) < 1:
-                raise ValueError(f"config key {name!r} must be at least 1")
-        for name in ("warmup_steps", "save_every", "sample_every", "lora_rank"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"config key {name!r} must be at least 0")
-        if self.subject_source not in SUBJECT_SOURCES:
-            raise ValueError(f"config key 'subject_source' must be one of {SUBJECT_SOURCES}, got {self.subject_source!r}")
-        if self.dtype not in ("fp32", "bf16"):
-            raise ValueError("config key 'dtype' must be 'fp32' or 'bf16'")
-        if self.device not in (None, "cpu", "cuda", "mps", "xpu", "npu"):
-            raise ValueError("config key 'device' must be cpu, cuda, mps, xpu or npu (processes pick their index)")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError("config key 'lora_dropout' must be in [0, 1)")
+        if self.lora_rank and not self.lora_targets:
+            raise ValueError(f"config key 'lora_targets' is empty; LoRA needs some of {LORA_TARGETS}")
 
     @property
     def lora(self) -> LoraSettings | None:
@@ -144,6 +143,10 @@ def add_zero3_hooks(engine) -> None:
     offload._register_deepspeed_module(offload.module)
 
 
+class DivergedError(MMR1Error):
+    """A step's loss is not finite: the run stops there, before that step is checkpointed or exported."""
+
+
 def require_training_extras() -> None:
     """Fail before anything loads, not after training, when the train extra is missing."""
     missing = [name for name in ("accelerate", "matplotlib") if importlib.util.find_spec(name) is None]
@@ -180,6 +183,7 @@ class Run:
                 f", but this {recipe} run accumulates {accumulation_steps} micro-steps per optimizer step (its config"
                 " decides); leave gradient_accumulation_steps out of the accelerate config and command line."
             )
+        self._check_device()
         set_seed(config.seed)
         self.policy: Policy | None = None
         self.objective: torch.nn.Module | None = None
@@ -201,6 +205,15 @@ class Run:
         return self.accelerator.process_index
 
     # -- set-up -------------------------------------------------------------------------------------------------
+
+    def _check_device(self) -> None:
+        """Refuse a `device` that accelerate could not give this process (it falls back to the CPU silently, so
+        `device = "cuda"` without CUDA would train on the CPU), before any model loads."""
+        wanted = self.config.device
+        if wanted is not None and self.device.type != wanted:
+            raise ConfigError(f"config key 'device' is {wanted!r}, but this torch sees no {wanted} device (accelerate "
+                              f"would run this process on {self.device}); install a torch build for {wanted}, or "
+                              "set device = \"cpu\" or leave it unset.")
 
     def _check_resumable(self) -> Path | None:
         folders = sorted(self.checkpoints.glob("step-*")) if self.checkpoints.is_dir() else []
@@ -403,12 +416,25 @@ class Run:
         accelerate (DeepSpeed: its engine) divides by accumulation_steps again, so it is scaled back first."""
         self.accelerator.backward(loss * self.accelerator.gradient_accumulation_steps)
 
-    def optimizer_step(self) -> float:
-        """Clip, step, schedule, zero; returns the gradient norm before clipping (0 when clipping is off)."""
+    def check_loss(self, step: int, loss: float) -> None:
+        """Stop at a step whose loss is not finite on any process (every process stops alike), before the optimizer
+        applies its gradients and before anything is saved: NaN weights would otherwise train on, be checkpointed
+        and exported. Under DeepSpeed the engine has stepped in backward already; the run still stops unsaved."""
+        losses = self.gather(torch.tensor([loss], dtype=torch.float64))
+        if not torch.isfinite(losses).all():
+            bad = next(float(value) for value in losses if not math.isfinite(float(value)))
+            raise DivergedError(f"step {step}: the loss is {bad}, so training stops before applying this step; "
+                                f"nothing is exported to {self.output / 'final'} (checkpoints of earlier steps stay "
+                                f"in {self.checkpoints}). Check the model's weights and the data, or lower "
+                                "learning_rate.")
+
+    def optimizer_step(self) -> float | None:
+        """Clip, step, schedule, zero; returns the gradient norm before clipping (0 when clipping is off, None under
+        DeepSpeed, which clips inside its engine)."""
         norm = 0.0
         if self.config.max_grad_norm:
             clipped = self.accelerator.clip_grad_norm_(self.parameters, self.config.max_grad_norm)
-            norm = float("nan") if clipped is None else float(clipped)  # DeepSpeed clips inside its engine
+            norm = None if clipped is None else float(clipped)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -436,9 +462,13 @@ class Run:
             grid.save(self.output / "samples" / f"step-{step:06d}.png")
 
     def log(self, line: dict) -> None:
+        """Append `line` to metrics.jsonl as strict JSON: a value that is not a finite number (a std over fewer
+        than two valid rewards) is written as null, never as NaN, which strict parsers reject."""
         if self.is_main:
+            values = {key: None if isinstance(value, float) and not math.isfinite(value) else value
+                      for key, value in line.items()}
             with self.metrics_path.open("a", encoding="utf-8") as metrics:
-                metrics.write(json.dumps(line) + "\n")
+                metrics.write(json.dumps(values, allow_nan=False) + "\n")
 
     # -- checkpoints --------------------------------------------------------------------------------------------
 
@@ -471,7 +501,8 @@ class Run:
             if self.is_main:
                 state = {"step": step, "order": order.state_dict(), "scheduler": self.scheduler.state_dict(),
                          **self._record(step)}
-                (folder / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+                (folder / TRAINER_STATE).write_text(json.dumps(state, indent=2, allow_nan=False) + "\n",
+                                                    encoding="utf-8")
 
         folder = self._write(self.checkpoints / f"step-{step:06d}", step, fill_engine)
         if self.is_main:

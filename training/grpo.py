@@ -16,7 +16,6 @@ algebra and its options (TRL's names) are in `training.grpo_loss`.
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, replace
@@ -24,22 +23,26 @@ from pathlib import Path
 
 import torch
 
+from mmr1.errors import InputError
 from mmr1.generation import generation_sequence
 from mmr1.prompting import PromptSequence, batch_prefix, build_sequence, embed_sequence
-from mmr1.sampling import Modality, SamplingSettings, sample_tokens, sequence_logits, token_logprobs
+from mmr1.ranges import Range
+from mmr1.sampling import SAMPLING_RANGES, Modality, SamplingSettings, sample_tokens, sequence_logits, token_logprobs
 from mmr1.xcot import Grounding, extract_subject, parse_reasoning, reasoning_stop_tokens
 
-from .config import knob, recipe_main
+from .config import AT_LEAST_ONE, AT_LEAST_ZERO, POSITIVE, knob, recipe_main
 from .data import Record, RecordOrder, read_records
 from .engine import Run, RunConfig
 from .memory import device_memory, engine_kind, estimate_step_memory
 from .grpo_loss import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, SCALE_REWARDS, group_advantages, masked_mean, segment_loss
 from .plots import sample_grid
 from .policy import Policy, make_policy
-from .rewards import build_rewards
+from .rewards import build_rewards, parse_spec
 from .timing import PhaseClock
 
 SEGMENTS = ("image", "reasoning", "both", "alternate", "subject")
+# Rollout temperatures: the sampler's range without greedy, since GRPO needs distinct samples in a group.
+SAMPLED = Range(0.0, low_open=True, note="rollouts must be sampled")
 
 
 @dataclass(frozen=True)
@@ -47,55 +50,47 @@ class GRPOConfig(RunConfig):
     data: Path = knob(None, "JSONL prompt records (references, prompt); see training/data.py")
     output_dir: Path = knob(Path("runs/grpo"), "checkpoints, metrics.jsonl, samples/ and curves.png go here")
     rewards: tuple[str, ...] = knob(("redness@1",), "rewards: 'redness@w', 'format@w' or 'kind=folder@w'")
-    prompts_per_step: int = knob(1, "prompt groups per optimizer step and process (gradient accumulation steps)")
-    num_generations: int = knob(8, "group size G: rollouts per prompt")
+    prompts_per_step: int = knob(1, "prompt groups per optimizer step and process (gradient accumulation steps)",
+                                 within=AT_LEAST_ONE)
+    num_generations: int = knob(8, "group size G: rollouts per prompt",
+                                within=Range(2, note="advantages are relative to the group"))
     segments: str = knob("both", "optimised segments: image, reasoning, subject (the drawn subject image, "
                                  "subject_source = generate), both (every segment the chain has), or alternate "
-                                 "(the reasoning, then the image side) every alternate_every steps")
-    alternate_every: int = knob(10, "steps per segment when segments = alternate (SepGRPO)")
-    num_iterations: int = knob(1, "mu: optimisation passes over each batch of rollouts")
-    loss_type: str = knob("grpo", f"how per-token terms are averaged, one of {LOSS_TYPES} (see training/grpo_loss.py)")
+                                 "(the reasoning, then the image side) every alternate_every steps", choices=SEGMENTS)
+    alternate_every: int = knob(10, "steps per segment when segments = alternate (SepGRPO)", within=AT_LEAST_ONE)
+    num_iterations: int = knob(1, "mu: optimisation passes over each batch of rollouts", within=AT_LEAST_ONE)
+    loss_type: str = knob("grpo", f"how per-token terms are averaged, one of {LOSS_TYPES} (see training/grpo_loss.py)",
+                          choices=LOSS_TYPES)
     scale_rewards: str = knob("group", f"advantage scaling, one of {SCALE_REWARDS}: the group's std, the step's std, "
-                                       "or none (Dr. GRPO)")
-    epsilon: float = knob(0.2, "lower clip range of the ratio (and the upper one unless epsilon_high is set)")
+                                       "or none (Dr. GRPO)", choices=SCALE_REWARDS)
+    epsilon: float = knob(0.2, "lower clip range of the ratio (and the upper one unless epsilon_high is set)",
+                          within=POSITIVE)
     epsilon_high: float | None = knob(None, "upper clip range of the ratio (DAPO's clip-higher, e.g. 0.28); "
-                                            "unset: epsilon")
+                                            "unset: epsilon", within=POSITIVE)
     importance_sampling_level: str = knob("token", "'token' (a ratio per token) or 'sequence' (GSPO: one per "
-                                                   "sequence, from the mean token log-ratio)")
+                                                   "sequence, from the mean token log-ratio)",
+                                          choices=IMPORTANCE_SAMPLING_LEVELS)
     mask_truncated_completions: bool = knob(False, "leave rollouts whose reasoning hit max_reasoning_tokens out of "
                                                    "the loss (both segments)")
-    beta: float = knob(0.01, "KL coefficient to the frozen reference policy (k3 estimator); 0 loads no reference")
-    cfg_scale: float = knob(5.0, "classifier-free guidance of the image rollouts (>= 1)")
-    temperature: float = knob(1.0, "image token temperature (> 0: rollouts must be sampled)")
-    top_k: int = knob(0, "image top-k (0: off)")
-    top_p: float = knob(1.0, "image top-p in (0, 1] (1: off)")
-    reasoning_temperature: float = knob(1.0, "reasoning temperature (> 0)")
-    max_reasoning_tokens: int = knob(64, "reasoning length limit")
+    beta: float = knob(0.01, "KL coefficient to the frozen reference policy (k3 estimator); 0 loads no reference",
+                       within=AT_LEAST_ZERO)
+    cfg_scale: float = knob(5.0, "classifier-free guidance of the image rollouts (>= 1)",
+                            within=SAMPLING_RANGES["cfg_scale"])
+    temperature: float = knob(1.0, "image token temperature (> 0: rollouts must be sampled)", within=SAMPLED)
+    top_k: int = knob(0, "image top-k (0: off)", within=SAMPLING_RANGES["top_k"])
+    top_p: float = knob(1.0, "image top-p in (0, 1] (1: off)", within=SAMPLING_RANGES["top_p"])
+    reasoning_temperature: float = knob(1.0, "reasoning temperature (> 0)", within=SAMPLED)
+    max_reasoning_tokens: int = knob(64, "reasoning length limit", within=AT_LEAST_ONE)
 
     def __post_init__(self) -> None:
-        self.check_run_keys(
-            at_least_one=("prompts_per_step", "num_iterations", "alternate_every", "max_reasoning_tokens")
-        )
-        if self.num_generations < 2:
-            raise ValueError("config key 'num_generations' must be at least 2 (advantages are relative to the group)")
-        for name, options in (("segments", SEGMENTS), ("loss_type", LOSS_TYPES), ("scale_rewards", SCALE_REWARDS),
-                              ("importance_sampling_level", IMPORTANCE_SAMPLING_LEVELS)):
-            if getattr(self, name) not in options:
-                raise ValueError(f"config key {name!r} must be one of {options}, got {getattr(self, name)!r}")
-        checks = {
-            "beta": self.beta >= 0, "epsilon": self.epsilon > 0,
-            "epsilon_high": self.epsilon_high is None or self.epsilon_high > 0,
-            "cfg_scale": self.cfg_scale >= 1, "temperature": self.temperature > 0,
-            "reasoning_temperature": self.reasoning_temperature > 0, "top_k": self.top_k >= 0,
-            "top_p": 0 < self.top_p <= 1,
-        }
-        rules = {"beta": ">= 0", "cfg_scale": ">= 1 (1: no guidance)", "top_k": ">= 0 (0: off)", "top_p": "in (0, 1]"}
-        for name, holds in checks.items():
-            value = getattr(self, name)
-            if not holds or (value is not None and not math.isfinite(value)):
-                raise ValueError(f"config key {name!r} must be finite and {rules.get(name, '> 0')}, got {value!r}")
+        self.check_run_keys()
         if not self.rewards:
             raise ValueError("config key 'rewards' needs at least one reward")
+        for spec in self.rewards:
+            try:
+                parse_spec(spec)
+            except InputError as error:
+                raise ValueError(f"config key 'rewards': {error}") from error
         if self.segments == "subject" and self.subject_source != "generate":
             raise ValueError("config key 'segments' = 'subject' optimises the drawn subject image: it needs "
                              "subject_source = 'generate'")
@@ -383,6 +378,7 @@ def train(config: GRPOConfig) -> Path:
                     losses.append(float(loss.detach()))
                     for key, value in group_stats.items():
                         stats[key].append(value)
+                run.check_loss(step, sum(losses) / len(losses))
                 with clock("optimizer"):
                     grad_norm = run.optimizer_step()
             phases, step_seconds = clock.reset(), time.perf_counter() - step_started

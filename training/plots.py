@@ -16,7 +16,8 @@ from mmr1.images import tensor_to_pil
 def plot_curves(metrics_path: Path, out: Path, keys: Sequence[str]) -> Path | None:
     """One panel per key of metrics.jsonl against the step, with a ±std band where `<key>_std` is logged.
 
-    Keys that were never logged are left out; returns None when there is nothing to draw.
+    Keys that were never logged are left out, values logged as null are gaps; returns None when there is nothing
+    to draw.
     """
     import matplotlib
 
@@ -31,11 +32,11 @@ def plot_curves(metrics_path: Path, out: Path, keys: Sequence[str]) -> Path | No
     for axis, key in zip(axes[:, 0], keys):
         points = [line for line in lines if key in line]
         steps = [line["step"] for line in points]
-        values = [line[key] for line in points]
+        values = [_number(line[key]) for line in points]
         axis.plot(steps, values, label=key)
         spread_key = key[: -len("_mean")] + "_std" if key.endswith("_mean") else key + "_std"
         if all(spread_key in line for line in points):
-            spread = [line[spread_key] for line in points]
+            spread = [_number(line[spread_key]) for line in points]
             axis.fill_between(steps, [v - s for v, s in zip(values, spread)], [v + s for v, s in zip(values, spread)],
                               alpha=0.25, label="± std in the group")
         axis.set_ylabel(key)
@@ -47,6 +48,11 @@ def plot_curves(metrics_path: Path, out: Path, keys: Sequence[str]) -> Path | No
     figure.savefig(out, dpi=100)
     plt.close(figure)
     return out
+
+
+def _number(value: float | None) -> float:
+    """A logged value as matplotlib draws it: null (no finite value that step) as NaN, a gap in the curve."""
+    return math.nan if value is None else value
 
 
 def sample_grid(images: torch.Tensor, captions: Sequence[str], columns: int = 4) -> Image.Image:

@@ -8,6 +8,7 @@ reward models (see mmr1.rewards.parse_reward_spec).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,9 +45,12 @@ def parse_spec(spec: str) -> tuple[str, Path | None, float]:
         raise InputError(f"Unknown reward {name!r}; programmatic rewards: {sorted(PROGRAMMATIC)}, "
                          "or a reward model as kind=folder@weight.")
     try:
-        return name, None, float(weight or 1.0)
+        value = float(weight or 1.0)
     except ValueError as error:
         raise InputError(f"Reward weight in {spec!r} is not a number.") from error
+    if not math.isfinite(value):  # a NaN weight makes every total NaN, which GRPO masks as failed rewards
+        raise InputError(f"Reward weight in {spec!r} must be a finite number.")
+    return name, None, value
 
 
 def build_reward(spec: str, device: str = "cpu") -> tuple[str, RewardFunction, float]:

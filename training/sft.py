@@ -35,7 +35,7 @@ from mmr1.prompting import VQ_IMAGE, PromptSequence, batch_prefix, build_sequenc
 from mmr1.generation import generate
 from mmr1.xcot import extract_subject, ground
 
-from .config import knob, recipe_main
+from .config import AT_LEAST_ONE, AT_LEAST_ZERO, PROBABILITY, knob, recipe_main
 from .data import Record, RecordOrder, read_records
 from .engine import Run, RunConfig
 from .plots import sample_grid
@@ -49,19 +49,19 @@ class SFTConfig(RunConfig):
     learning_rate: float = knob(1e-4, "AdamW learning rate (constant after warmup)")
     warmup_steps: int = knob(10, "linear learning-rate warmup steps")
     log_every: int = knob(10, "steps between metrics lines")
-    batch_size: int = knob(4, "records per micro-batch and process")
-    gradient_accumulation: int = knob(1, "micro-batches per optimizer step")
-    text_weight: float = knob(1.0, "weight of the reasoning (text) segment's mean loss")
-    image_weight: float = knob(1.0, "weight of the image segment's mean loss")
-    subject_weight: float = knob(1.0, "weight of the subject image segment's mean loss (subject_source = generate)")
-    unconditional_prob: float = knob(0.1, "probability that an example's image segment sees the padded context")
-    reasoning_drop_prob: float = knob(0.0, "probability that an example is drawn from references without reasoning")
+    batch_size: int = knob(4, "records per micro-batch and process", within=AT_LEAST_ONE)
+    gradient_accumulation: int = knob(1, "micro-batches per optimizer step", within=AT_LEAST_ONE)
+    text_weight: float = knob(1.0, "weight of the reasoning (text) segment's mean loss", within=AT_LEAST_ZERO)
+    image_weight: float = knob(1.0, "weight of the image segment's mean loss", within=AT_LEAST_ZERO)
+    subject_weight: float = knob(1.0, "weight of the subject image segment's mean loss (subject_source = generate)",
+                                 within=AT_LEAST_ZERO)
+    unconditional_prob: float = knob(0.1, "probability that an example's image segment sees the padded context",
+                                     within=PROBABILITY)
+    reasoning_drop_prob: float = knob(0.0, "probability that an example is drawn from references without reasoning",
+                                      within=PROBABILITY)
 
     def __post_init__(self) -> None:
-        self.check_run_keys(at_least_one=("batch_size", "gradient_accumulation"))
-        for name in ("unconditional_prob", "reasoning_drop_prob"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"config key {name!r} must be in [0, 1)")
+        self.check_run_keys()
 
 
 @dataclass
@@ -200,6 +200,7 @@ def train(config: SFTConfig) -> Path:
                     losses = objective([examples[index] for index in indices], unconditional, no_reasoning)
                     run.backward(losses[0] / config.gradient_accumulation)
                 totals += torch.stack([loss.detach().float().cpu() for loss in losses]) / config.gradient_accumulation
+            run.check_loss(step, float(totals[0]))
             grad_norm = run.optimizer_step()
             totals = run.gather(totals.unsqueeze(0)).mean(dim=0)
             bar.update(1)

@@ -14,9 +14,10 @@ from PIL import Image
 
 import mmr1.cli
 from mmr1.cli import main
+from mmr1.images import crop_to_mask, mask_to_array
 from mmr1.metadata import PNG_TEXT_KEY, read_png_record
 from mmr1.tiny import TinySpec, make_tiny_checkpoint
-from tests.conftest import subject_image
+from tests.conftest import CONTROL_TOKEN_TEXT, marked_photo, save_rotated_photo, subject_image
 
 REPO_ROOT = Path(mmr1.cli.__file__).resolve().parents[1]
 PROMPT = "a photo of it on the beach"
@@ -173,6 +174,21 @@ def test_ground_with_mask(tiny_hf_dir, tmp_path, ref_png, capsys):
     assert json.loads(out)["prompt"] == PROMPT
 
 
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_exif_rotated_reference_is_read_as_displayed(tiny_hf_dir, tmp_path, capsys, suffix):
+    """A photo stored turned with EXIF orientation 6 is read as displayed (as ComfyUI's Load Image reads it): a
+    mask drawn on the displayed 48x40 photo is accepted, and the crop the images attend to is the displayed one's."""
+    displayed = save_rotated_photo(tmp_path / f"ref{suffix}", marked_photo())
+    mask = np.zeros((40, 48), dtype=np.uint8)
+    mask[2:30, 4:40] = 255
+    Image.fromarray(mask, "L").save(tmp_path / "mask.png")
+    code, _, err = run(["generate", "--model", tiny_hf_dir, "--ref", tmp_path / f"ref{suffix}", "--mask",
+                        tmp_path / "mask.png", "--prompt", PROMPT, *FAST, "--out", tmp_path / "out"], capsys)
+    assert code == 0, err
+    expected = crop_to_mask(displayed, mask_to_array(mask))
+    np.testing.assert_array_equal(pixels(tmp_path / "out" / "subject.png"), np.asarray(expected))
+
+
 def test_text_to_image_without_reference(tiny_hf_dir, tmp_path, capsys):
     code, out, err = run(["generate", "--model", tiny_hf_dir, "--prompt", "a red teapot in the snow",
                           "--out", tmp_path / "t2i"], capsys)
@@ -221,6 +237,21 @@ def test_reasoning_override_and_no_reasoning_change_the_images(sensitive_dir, tm
     assert np.array_equal(images["file"], images["override"])
 
 
+def test_control_token_strings_in_prompt_and_reasoning_are_text(tiny_hf_dir, tmp_path, ref_png, capsys):
+    """`--prompt`, `--reasoning` and `--reasoning-file` holding every control token's string generate, recorded as
+    typed (that they tokenize as text is tests/mmr1/test_prompting.py's)."""
+    prompt = f"{PROMPT} {CONTROL_TOKEN_TEXT}"
+    reasoning = f"<subject>{CONTROL_TOKEN_TEXT}</subject>"
+    (tmp_path / "reasoning.txt").write_text(reasoning, encoding="utf-8")
+    variants = {"option": ["--reasoning", reasoning], "file": ["--reasoning-file", tmp_path / "reasoning.txt"]}
+    for name, extra in variants.items():
+        code, _, err = run(["generate", "--model", tiny_hf_dir, "--ref", ref_png, "--prompt", prompt, *FAST, *extra,
+                            "--out", tmp_path / name], capsys)
+        assert code == 0, err
+        record = json.loads((tmp_path / name / "mmr1_generation.json").read_text(encoding="utf-8"))
+        assert record["prompt"] == prompt and record["reasoning"] == reasoning
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 
 
@@ -254,18 +285,61 @@ def test_error_other_architecture(tmp_path, capsys):
 @pytest.mark.parametrize(
     "extra, fragment",
     [
-        (["--num-images", "0"], "num_images"),
-        (["--cfg", "0.5"], "cfg"),
-        (["--top-p", "0"], "top_p"),
-        (["--top-p", "1.5"], "top_p"),
-        (["--temperature", "-1"], "temperature"),
-        (["--top-k", "-2"], "top_k"),
+        (["--num-images", "0"], "--num-images"),
+        (["--cfg", "0.5"], "--cfg"),
+        (["--top-p", "0"], "--top-p"),
+        (["--top-p", "1.5"], "--top-p"),
+        (["--temperature", "-1"], "--temperature"),
+        (["--top-k", "-2"], "--top-k"),
+        (["--cfg", "inf"], "--cfg must be a finite number"),
+        (["--temperature", "inf"], "--temperature must be a finite number"),
+        (["--temperature", "nan"], "--temperature must be a finite number"),
+        (["--top-p", "nan"], "--top-p"),
+        (["--ground-temperature", "inf"], "--ground-temperature"),
+        (["--ground-top-p", "nan"], "--ground-top-p"),
+        (["--max-new-tokens", "0"], "--max-new-tokens"),
+        (["--seed", str(2**70)], f"got {2**70}"),
+        (["--seed", "-1"], "--seed"),
+        (["--seed", str(2**64 - 1), "--num-images", "2"], "beyond the largest seed"),
     ],
 )
-def test_error_sampling_settings(tiny_hf_dir, tmp_path, capsys, extra, fragment):
+def test_error_sampling_settings(tiny_hf_dir, tmp_path, capsys, monkeypatch, extra, fragment):
+    """Each numeric option in its setting's range (inf and nan drew flat images recorded as Infinity; seed 2**70
+    drew seed 0's pixels), named as typed, before the model loads."""
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model loaded before the option was checked")
+
+    monkeypatch.setattr("mmr1.loading.load_model", load_model)
     _expect_error(["generate", "--model", tiny_hf_dir, "--prompt", PROMPT, *extra, "--out", tmp_path / "o"],
                   capsys, fragment)
     assert not (tmp_path / "o").exists()  # nothing written
+
+
+def test_the_largest_seed_generates_and_records_are_strict_json(tiny_hf_dir, tmp_path, capsys):
+    """The sampler's largest seed is usable and recorded as given; the JSON record parses under a parser that
+    refuses NaN and Infinity, and a record holding one is refused rather than written."""
+    from mmr1.metadata import dumps
+    from mmr1.sampling import SEEDS
+
+    code, _, err = run(["generate", "--model", tiny_hf_dir, "--prompt", PROMPT, "--seed", SEEDS.high,
+                        "--out", tmp_path / "o"], capsys)
+    assert code == 0, err
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in a record")
+
+    record = json.loads((tmp_path / "o" / "mmr1_generation.json").read_text(encoding="utf-8"), parse_constant=refuse)
+    assert record["seed"] == SEEDS.high and record["images"] == [{"file": f"mmr1_seed{SEEDS.high}.png",
+                                                                  "seed": SEEDS.high}]
+    with pytest.raises(ValueError):
+        dumps({"sampling": {"cfg_scale": float("inf")}})
+
+
+@pytest.mark.parametrize("command", ["make-tiny", "make-tiny-reward"])
+def test_make_tiny_refuses_a_seed_torch_cannot_take(command, tmp_path, capsys):
+    options = ["--kind", "dino"] if command == "make-tiny-reward" else []
+    _expect_error([command, tmp_path / "m", *options, "--seed", str(2**70)], capsys, "--seed")
+    assert not (tmp_path / "m").exists()
 
 
 @pytest.mark.parametrize("prompt", ["", "   "])
@@ -301,7 +375,7 @@ def test_error_mask_count(tiny_hf_dir, tmp_path, ref_png, capsys):
 
 def test_error_reasoning_length_and_context(tiny_hf_dir, ref_png, capsys):
     _expect_error(["ground", "--model", tiny_hf_dir, "--ref", ref_png, "--prompt", PROMPT, "--max-new-tokens", "0"],
-                  capsys, "max_new_tokens")
+                  capsys, "--max-new-tokens")
     long_prompt = " ".join(f"word{index}" for index in range(1100))
     _expect_error(["ground", "--model", tiny_hf_dir, "--ref", ref_png, "--prompt", long_prompt, *FAST],
                   capsys, "context")

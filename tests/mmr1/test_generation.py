@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from mmr1.errors import InputError
-from mmr1.generation import generate
+from mmr1.generation import generate, generation_sequence
 from mmr1.sampling import SamplingSettings
 from mmr1.xcot import ground
-from tests.conftest import subject_image
+from tests.conftest import CONTROL_TOKEN_TEXT, control_token_counts, subject_image
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +50,20 @@ def test_edited_grounding_equals_reasoning_override(tiny_model, grounding):
     via_edit = generate(tiny_model, "on the beach", grounding.with_reasoning(text), settings=settings)
     assert torch.equal(via_override.tokens, via_edit.tokens)
     assert via_edit.reasoning == text
+
+
+def test_control_token_strings_in_prompt_and_reasoning_ground_and_generate(tiny_model):
+    """Grounding and generation run on a prompt and a reasoning holding every control token's string, as text."""
+    prompt = f"a photo of it {CONTROL_TOKEN_TEXT} on the beach"
+    reasoning = f"<subject>{CONTROL_TOKEN_TEXT}</subject>"
+    grounding = ground(tiny_model, [subject_image()], prompt, max_new_tokens=4, seed=0)
+    assert grounding.prompt == prompt
+    result = generate(tiny_model, prompt, grounding, reasoning=reasoning, seed=1)
+    assert result.images.shape == (1, tiny_model.image_size, tiny_model.image_size, 3)
+    assert result.reasoning == reasoning
+    forged = generation_sequence(tiny_model, prompt, grounding, reasoning)
+    plain = generation_sequence(tiny_model, "a photo of it on the beach", grounding, "<subject></subject>")
+    assert control_token_counts(tiny_model, forged.input_ids) == control_token_counts(tiny_model, plain.input_ids)
 
 
 def test_logprobs_are_returned_on_request(tiny_model):

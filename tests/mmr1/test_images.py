@@ -14,10 +14,12 @@ from mmr1.images import (
     image_batch_to_pils,
     letterbox,
     mask_to_array,
+    open_image,
     pil_to_tensor,
     tensor_to_pil,
     to_rgb,
 )
+from tests.conftest import ORIENTATION_TAG, marked_photo, save_rotated_photo
 
 
 def rgb(image: Image.Image) -> np.ndarray:
@@ -26,6 +28,36 @@ def rgb(image: Image.Image) -> np.ndarray:
 
 
 GREY = list(BACKGROUND_GREY)
+
+
+# ------------------------------------------------------------------------------------------------ open_image
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_open_image_turns_the_photo_by_its_exif_orientation(tmp_path, suffix):
+    displayed = save_rotated_photo(tmp_path / f"photo{suffix}", marked_photo())
+    image = open_image(tmp_path / f"photo{suffix}")
+    assert image.size == (48, 40)
+    np.testing.assert_array_equal(rgb(to_rgb(image)), rgb(displayed))
+    if suffix == ".png":  # lossless: the very photo that was displayed
+        np.testing.assert_array_equal(rgb(to_rgb(image)), rgb(marked_photo()))
+
+
+def test_open_image_keeps_the_mode_for_to_rgb(tmp_path):
+    """A turned 16-bit photo stays 16-bit, so `to_rgb` scales it as it scales any 16-bit image."""
+    stored = Image.fromarray(np.full((6, 4), 65535, dtype=np.uint16))
+    exif = Image.Exif()
+    exif[ORIENTATION_TAG] = 6
+    stored.save(tmp_path / "deep.png", exif=exif)
+    image = open_image(tmp_path / "deep.png")
+    assert image.mode == stored.mode and image.size == (6, 4)
+    assert rgb(to_rgb(image)).min() == 255
+
+
+def test_open_image_names_a_file_that_is_no_image(tmp_path):
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(InputError, match="Cannot read reference image .*notes.png"):
+        open_image(tmp_path / "notes.png", "reference image")
 
 
 # ---------------------------------------------------------------------------------------------------- to_rgb

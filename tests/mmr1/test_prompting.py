@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
+from tokenizers import Tokenizer
 
 from mmr1.errors import InputError
+from mmr1.loading import load_model
 from mmr1.prompting import (
     TEXT,
     UNDERSTANDING,
@@ -14,9 +20,21 @@ from mmr1.prompting import (
     build_sequence,
     check_fits,
     embed_sequence,
+    user_message,
 )
 from mmr1.sampling import Modality, SamplingSettings, sequence_logprobs
-from tests.conftest import subject_image
+from mmr1.tokens import (
+    ASSISTANT_ROLE,
+    BEGIN_OF_IMAGE,
+    BOS,
+    END_OF_IMAGE,
+    EOS,
+    IMAGE_PLACEHOLDER,
+    JANUS_SPECIAL_TOKENS,
+    USER_ROLE,
+)
+from mmr1.xcot import format_reasoning
+from tests.conftest import CONTROL_TOKEN_TEXT, control_token_counts, subject_image
 
 
 def test_text_to_image_is_janus_own_format(tiny_model):
@@ -104,3 +122,63 @@ def test_left_padding_does_not_change_log_probs(tiny_model):
     assert prefix.attention_mask[0, : len(long) - len(short)].sum() == 0
     assert prefix.position_ids[0, -1].item() == len(short) - 1
     torch.testing.assert_close(batched[0], alone[0], atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------------- control tokens typed by users
+
+
+def _flag_control_tokens_plain(folder: Path) -> None:
+    """Rewrite a folder's tokenizer files so that they flag every added token plain instead of special."""
+    for name, key in (("tokenizer.json", "added_tokens"), ("tokenizer_config.json", "added_tokens_decoder")):
+        values = json.loads((folder / name).read_text(encoding="utf-8"))
+        entries = values.get(key, [])
+        for entry in entries.values() if isinstance(entries, dict) else entries:
+            entry["special"] = False
+        (folder / name).write_text(json.dumps(values), encoding="utf-8")
+    assert not any(token.special for token in Tokenizer.from_file(str(folder / "tokenizer.json"))
+                   .get_added_tokens_decoder().values())
+
+
+@pytest.fixture(scope="module", params=["hf", "deepseek", "hf flagged plain"])
+def layout_model(request, tiny_hf_dir, tiny_deepseek_dir, tmp_path_factory):
+    """The tiny model from each layout's folder, and from one whose tokenizer files flag the control tokens plain
+    (whether files flag them special differs between folders and transformers versions)."""
+    folder = {"hf": tiny_hf_dir, "deepseek": tiny_deepseek_dir}.get(request.param)
+    if folder is None:
+        folder = Path(shutil.copytree(tiny_hf_dir, tmp_path_factory.mktemp("plain") / "janus"))
+        _flag_control_tokens_plain(folder)
+    return load_model(folder, dtype="fp32", device="cpu")
+
+
+@pytest.mark.parametrize("stage", ["ground", "generate"])
+def test_control_token_strings_in_prompt_and_reasoning_stay_text(layout_model, stage):
+    """A prompt and a reasoning holding every control token's string (a forged turn, image boundaries,
+    end-of-sentence) yield the template's own control tokens and no other, and read back as typed."""
+    mm = layout_model
+    prompt = f"a dog {CONTROL_TOKEN_TEXT} on the beach"
+    reasoning = format_reasoning(CONTROL_TOKEN_TEXT, f"a dog{EOS}{USER_ROLE}", f"{ASSISTANT_ROLE}{BEGIN_OF_IMAGE}")
+    subject_tokens = torch.randint(0, 16, (1, mm.num_image_tokens))
+    sequence = build_sequence(mm, prompt, [subject_image()], reasoning, subject_tokens, stage=stage)
+    images = 1 + (stage == "generate")  # the reference, then the subject's VQ image
+    assert control_token_counts(mm, sequence.input_ids) == {
+        **dict.fromkeys(JANUS_SPECIAL_TOKENS, 0),
+        BOS: 1,
+        USER_ROLE: 1,
+        ASSISTANT_ROLE: 1,
+        BEGIN_OF_IMAGE: images + (stage == "generate"),  # and the new image's
+        END_OF_IMAGE: images,
+        IMAGE_PLACEHOLDER: mm.understanding_tokens_per_image + (images - 1) * mm.num_image_tokens,
+    }
+    text = mm.tokenizer.decode(sequence.input_ids[sequence.slot_kinds == TEXT])
+    assert f"Request: {prompt}\n\n{ASSISTANT_ROLE}:" in text
+    if stage == "generate":
+        assert f"{ASSISTANT_ROLE}: {reasoning}\n{BEGIN_OF_IMAGE}" in text
+
+
+def test_text_without_control_token_strings_keeps_its_ids(layout_model):
+    """Text as text changes nothing for ordinary prompts and reasonings: the ids mmr1-world was trained on."""
+    mm = layout_model
+    texts = ["a photo of it on the beach", user_message("a red dog <in> the snow", True),
+             " " + format_reasoning("a dog", "a red dog", "the dog on a table at night")]
+    for text in texts:
+        assert mm.tokenize(text) == mm.tokenize_template(text)

@@ -10,6 +10,7 @@ from mmr1.generation import generation_sequence
 from mmr1.model import head_logits
 from mmr1.prompting import batch_prefix, embed_sequence
 from mmr1.sampling import (
+    SEEDS,
     Modality,
     SamplingSettings,
     draw,
@@ -42,11 +43,24 @@ def sample(mm, settings, seed=0, rows=1, **kwargs):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"cfg_scale": 0.5}, {"temperature": -1.0}, {"top_k": -1}, {"top_p": 0.0}, {"top_p": 1.5}],
+    [{"cfg_scale": 0.5}, {"temperature": -1.0}, {"top_k": -1}, {"top_p": 0.0}, {"top_p": 1.5},
+     {"cfg_scale": float("inf")}, {"temperature": float("inf")}, {"temperature": float("nan")},
+     {"top_p": float("nan")}, {"cfg_scale": float("nan")}],
 )
 def test_settings_reject_out_of_range(kwargs):
-    with pytest.raises(InputError):
+    """Infinite guidance or temperature drew flat images; each setting is named by its field."""
+    (name,) = kwargs
+    with pytest.raises(InputError, match=f"^{name} must be a finite number"):
         SamplingSettings(**kwargs)
+
+
+def test_seeds_outside_the_generators_64_bits_are_refused_not_wrapped():
+    """Seeds were taken modulo 2**64: 2**70 drew the noise of seed 0 while records said 2**70."""
+    largest = sampling_noise(SEEDS.high, rows=1, count=4, device=torch.device("cpu"))
+    assert not torch.equal(largest, sampling_noise(0, rows=1, count=4, device=torch.device("cpu")))
+    for seed, rows in ((2**70, 1), (2**64, 1), (-1, 1), (SEEDS.high, 2)):
+        with pytest.raises(InputError, match="seed"):
+            sampling_noise(seed, rows=rows, count=4, device=torch.device("cpu"))
 
 
 def test_guidance_formula():

@@ -27,6 +27,7 @@ from tests.nodes.comfy_server import (
     WORKFLOW_MODEL_NAME,
     load_workflow,
 )
+from tests.conftest import CONTROL_TOKEN_TEXT
 
 NODE_IDS = {
     "MMR1LoadModel": "Load MMR1 Model",
@@ -67,6 +68,27 @@ def test_every_node_is_registered(comfy):
     assert {MODEL_NAME, SLOW_MODEL_NAME, CORRUPT_MODEL_NAME} <= set(models)
     rewards = info["MMR1LoadReward"]["input"]["required"]["model"][1]["options"]
     assert rewards == [EMBEDDED_REWARD_NAME, "tiny-clip", "tiny-dino"]  # embedded first, then models/mmr1_rewards
+
+
+def test_seed_widgets_end_at_the_samplers_largest_seed(comfy):
+    """A larger seed would wrap onto another seed's pixels; the widgets' order is unchanged, and a batch whose
+    last seed would pass the largest is an error on the node."""
+    from mmr1.sampling import SEEDS
+
+    expected_order = {
+        "MMR1SubjectGrounding": ["mmr1_model", "reference_images", "prompt", "max_new_tokens", "temperature", "seed",
+                                 "subject_tokens"],
+        "MMR1PersonalizedGenerate": ["mmr1_model", "prompt", "cfg", "temperature", "top_k", "top_p", "seed",
+                                     "batch_size"],
+    }
+    for node_id, order in expected_order.items():
+        info = comfy.get(f"/object_info/{node_id}")[node_id]
+        assert info["input_order"]["required"] == order
+        assert info["input"]["required"]["seed"][1]["max"] == SEEDS.high
+    workflow = personalized(seed=SEEDS.high, batch_size=2)
+    workflow["3"]["inputs"]["seed"] = SEEDS.high  # its own grounding, so later tests' groundings run and report
+    error = execution_error(comfy.run(workflow))
+    assert "beyond the largest seed" in error["exception_message"]
 
 
 def test_pack_imports_fast(comfy):
@@ -284,6 +306,17 @@ def test_best_of_n(comfy):
     assert totals == sorted(totals, reverse=True)
     saved = [output["images"] for output in outputs.values() if output.get("images")]
     assert sorted(len(images) for images in saved) == [1, 4]  # the top image saved, all four previewed
+
+
+def test_control_token_strings_in_the_nodes_strings_are_text(comfy):
+    """The nodes' prompts and reasoning holding every control token's string run through grounding and generation
+    (tokenized as text: tests/mmr1/test_prompting.py)."""
+    workflow = personalized(prompt=f"a photo of it {CONTROL_TOKEN_TEXT}", batch_size=1,
+                            reasoning=f"<subject>{CONTROL_TOKEN_TEXT}</subject>")
+    workflow["3"]["inputs"]["prompt"] = f"on the beach {CONTROL_TOKEN_TEXT}"
+    entry = comfy.run(workflow)
+    assert entry["status"]["status_str"] == "success", comfy.log_tail()
+    assert [image.shape for image in images_of(comfy, entry, "5")] == [(WORKFLOW_IMAGE_SIZE, WORKFLOW_IMAGE_SIZE, 3)]
 
 
 def test_grounding_only(comfy):

@@ -13,8 +13,9 @@ import pytest
 from PIL import Image
 
 from mmr1.errors import InputError
+from mmr1.images import crop_to_mask, mask_to_array
 from mmr1.xcot import format_reasoning
-from tests.conftest import subject_image
+from tests.conftest import marked_photo, save_rotated_photo, subject_image
 from training.data import Record, read_records, write_records
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -157,6 +158,23 @@ def test_load_references_crops_to_masks_and_converts_to_rgb(dataset: Path) -> No
     _save(dataset / "subj" / "00_mask.png", Image.new("L", (8, 8), 255))
     with pytest.raises(InputError, match="Record dog-0007: mask 1 is 8x8 but its image is 48x40"):
         record.load_references()
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_exif_rotated_photos_load_as_displayed(dataset: Path, suffix: str) -> None:
+    """Photos stored turned with EXIF orientation 6 load as displayed (as at inference and in ComfyUI), and the
+    dataset's mask, drawn on the displayed 48x40 photo, crops them."""
+    displayed = save_rotated_photo(dataset / "subj" / f"turned{suffix}", marked_photo())
+    turned = f"subj/turned{suffix}"
+    line = _line(references=[turned, turned], target=turned, subject_image=turned)
+    record = read_records(_lines(dataset / "data.jsonl", line))[0]
+    cropped, whole = record.load_references()
+    np.testing.assert_array_equal(np.asarray(whole), np.asarray(displayed))
+    with Image.open(dataset / "subj" / "00_mask.png") as mask:
+        expected = crop_to_mask(displayed, mask_to_array(mask))
+    np.testing.assert_array_equal(np.asarray(cropped), np.asarray(expected))
+    for image in (record.load_target(), record.load_subject_image()):
+        np.testing.assert_array_equal(np.asarray(image), np.asarray(displayed))
 
 
 def test_records_built_in_code_are_validated() -> None:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from training.config import ConfigError, build_config
 from training.data import Record, RecordOrder, write_records
@@ -348,3 +348,88 @@ def test_a_refused_checkpoint_deleted_the_run_resumes_from_the_older_one(checkpo
         assert not list((checkpoint / "engine_state").glob("custom_checkpoint_*"))
         assert json.loads((checkpoint / TRAINER_STATE).read_text())["scheduler"]["last_epoch"] == int(
             checkpoint.name.split("-")[1])
+
+
+# -- a device accelerate cannot give, a step whose loss is not finite, strict metrics ---------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda_is_refused_before_the_model_loads(tiny_hf_dir, prompts, tmp_path, monkeypatch,
+                                                                     capsys):
+    """accelerate falls back to the CPU without a word, so device = "cuda" trained on the CPU."""
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model loaded before the device was checked")
+
+    monkeypatch.setattr("mmr1.loading.load_model", load_model)
+    config = write_config(tmp_path, tiny_hf_dir, prompts, device="cuda")
+    capsys.readouterr()
+    assert grpo_main(["--config", str(config)]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "config key 'device' is 'cuda'" in lines[0] and "no cuda device" in lines[0], lines
+    assert not (tmp_path / "run" / "final").exists()
+
+
+@pytest.fixture(scope="module")
+def diverging_model(tiny_hf_dir, tmp_path_factory) -> Path:
+    """The tiny checkpoint with NaN image-head weights: every image logit, so every loss over images, is NaN."""
+    folder = tmp_path_factory.mktemp("nan_model") / "model"
+    shutil.copytree(tiny_hf_dir, folder)
+    state = weights(folder)
+    state["model.generation_head.vision_head.weight"].fill_(float("nan"))
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sft_records(tmp_path_factory) -> Path:
+    from mmr1.xcot import format_reasoning
+
+    folder = tmp_path_factory.mktemp("sft_records")
+    Image.fromarray(np.full((32, 32, 3), 90, dtype=np.uint8)).save(folder / "ref.png")
+    Image.fromarray(np.full((32, 32, 3), 160, dtype=np.uint8)).save(folder / "target.png")
+    write_records(folder / "records.jsonl", [Record(
+        id="r", references=(folder / "ref.png",), prompt="photo", target=folder / "target.png",
+        reasoning=format_reasoning("a square", "square", "a square on sand"))])
+    return folder / "records.jsonl"
+
+
+@pytest.mark.parametrize("recipe", ["grpo", "sft"])
+def test_a_step_whose_loss_is_not_finite_stops_the_run_and_exports_nothing(recipe, diverging_model, prompts,
+                                                                          sft_records, tmp_path, capsys):
+    """A NaN loss trained on and was exported as final/; the run now stops at that step with one error line."""
+    import importlib
+
+    output = tmp_path / "run"
+    data, extra = (prompts, ["--num_generations", "2", "--max_reasoning_tokens", "4"]) if recipe == "grpo" else (
+        sft_records, ["--batch_size", "1"])
+    capsys.readouterr()
+    code = importlib.import_module(f"training.{recipe}").main(
+        ["--model", str(diverging_model), "--data", str(data), "--steps", "2", "--save_every", "1", "--device", "cpu",
+         "--output_dir", str(output), *extra])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("error: step 1: the loss is nan") and str(output / "final") in lines[0]
+    assert not (output / "final").exists() and not list(output.glob("checkpoints/step-*"))
+    assert (output / "metrics.jsonl").read_text() == ""
+
+
+def test_metrics_are_strict_json_with_null_for_values_that_are_not_finite(prompts, tmp_path):
+    """A std over fewer than two valid rewards (or DeepSpeed's grad norm) was written as NaN, which strict JSON
+    parsers reject; it is null, and the curves leave a gap there."""
+    from training.engine import Run
+    from training.plots import plot_curves
+
+    run = Run("grpo", build_config(GRPOConfig, {"model": "m", "data": str(prompts), "device": "cpu",
+                                                "output_dir": str(tmp_path / "run")}))
+    run.output.mkdir()
+    for step, std in ((1, float("nan")), (2, 0.5)):
+        run.log({"step": step, "reward_mean": 0.1 * step, "reward_std": std, "grad_norm": None})
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in metrics.jsonl")
+
+    lines = [json.loads(line, parse_constant=refuse) for line in run.metrics_path.read_text().splitlines()]
+    assert [line["reward_std"] for line in lines] == [None, 0.5] and lines[0]["grad_norm"] is None
+    assert plot_curves(run.metrics_path, tmp_path / "curves.png", ["reward_mean"]).stat().st_size > 0

@@ -11,6 +11,7 @@ from PIL import Image
 
 from mmr1.loading import load_model
 from mmr1.xcot import format_reasoning
+from tests.conftest import CONTROL_TOKEN_TEXT
 from training.config import ConfigError, build_config
 from training.data import Record, write_records
 from training.sft import SFTConfig, main, prepare_example, sft_loss, train
@@ -50,6 +51,30 @@ def test_segments_cover_the_reasoning_up_to_the_image_start(tiny_model, dataset)
     assert text.startswith(" <think>a red square</think>") and text.endswith("<begin_of_image>")
     assert example.sequence.input_ids[example.text_end] == tiny_model.tokens.begin_of_image
     assert example.target_tokens.shape == (tiny_model.num_image_tokens,)
+
+
+def test_control_token_strings_in_a_record_are_taught_as_inference_feeds_them(tiny_model, tmp_path):
+    """A record whose prompt and reasoning hold every control token's string is encoded as generation encodes
+    them, as text: the taught segment is the whole reasoning, up to the template's own image start."""
+    from mmr1.generation import generation_sequence
+    from mmr1.tokens import BEGIN_OF_IMAGE
+    from mmr1.xcot import Grounding, extract_subject
+    from training.data import read_records
+
+    square(COLOURS["red"]).save(tmp_path / "ref.png")
+    square(COLOURS["red"], background=(250, 220, 160)).save(tmp_path / "target.png")
+    reasoning = format_reasoning(CONTROL_TOKEN_TEXT, "red square", f"{BEGIN_OF_IMAGE} on sand")
+    write_records(tmp_path / "train.jsonl", [Record(
+        id="forged", references=(tmp_path / "ref.png",), prompt=f"it on sand {CONTROL_TOKEN_TEXT}",
+        target=tmp_path / "target.png", reasoning=reasoning,
+    )])
+    record = read_records(tmp_path / "train.jsonl")[0]
+    example = prepare_example(tiny_model, record, "reference")
+    taught = example.sequence.input_ids[example.text_start : example.text_end + 1]
+    assert tiny_model.tokenizer.decode(taught) == f" {reasoning}\n{BEGIN_OF_IMAGE}"
+    references = record.load_references()
+    grounding = Grounding(record.prompt, reasoning, "", "", False, references, extract_subject(tiny_model, references))
+    assert torch.equal(example.sequence.input_ids, generation_sequence(tiny_model, record.prompt, grounding).input_ids)
 
 
 def test_padding_and_dropped_context_only_change_what_they_should(tiny_model, dataset):
