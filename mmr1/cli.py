@@ -7,13 +7,17 @@ from pathlib import Path
 
 from .embedded import MODEL_NAME
 from .errors import InputError, report_user_errors
+from .outputs import RECORD_FILE, SUBJECT_FILE, check_output_file, check_output_folder
 from .ranges import Range
 from .sampling import SAMPLING_RANGES, SEEDS, SamplingSettings, check_seeds
 from .xcot import SUBJECT_SETTINGS, SUBJECT_SOURCES
 
-SUBJECT_FILE = "subject.png"  # the visual intermediate, beside the images
 DEMO_CFG = 3.0  # what the embedded model was evaluated with (training/world/evaluate.py)
-DEFAULTS = {"cfg": 5.0, "temperature": 1.0, "ground_temperature": 0.7, "ground_top_p": 0.95, "max_new_tokens": 256}
+DEFAULTS = {"cfg": 5.0, "temperature": 1.0, "ground_temperature": 0.7, "ground_top_p": 0.95, "max_new_tokens": 256,
+            "batch_size": 8}
+# The text options (by dest): bytes of the command line that are not UTF-8 reach Python as lone surrogates, which
+# no tokenizer, record or terminal takes.
+TEXT_OPTIONS = ("prompt", "reasoning", "model", "ref", "mask", "reasoning_file", "out", "images", "reward", "device")
 # Every numeric option (by its argparse dest) with the range of the setting it sets: the sampling options take
 # the sampler's ranges, which training's config keys of the same settings share.
 OPTION_RANGES = {
@@ -25,6 +29,7 @@ OPTION_RANGES = {
     "ground_top_p": SAMPLING_RANGES["top_p"],
     "seed": SEEDS,
     "num_images": Range(1),
+    "batch_size": Range(1),
     "max_new_tokens": Range(1),
 }
 
@@ -71,7 +76,14 @@ def _add_generation_options(parser: argparse.ArgumentParser, demo: bool) -> None
     parser.add_argument("--temperature", type=float, default=DEFAULTS["temperature"], help="image token temperature")
     parser.add_argument("--top-k", type=int, default=0, help="0: off")
     parser.add_argument("--top-p", type=float, default=1.0, help="1: off")
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="output folder: new, or holding no files of an earlier run (see --overwrite)")
+    parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"],
+                        help="images drawn at once (CFG doubles the rows): memory grows with it, not with "
+                        "--num-images; the images are the same for any value")
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"replace an earlier run in --out: its {RECORD_FILE}, images, {SUBJECT_FILE} and "
+                        "reference copies are removed first; other files are left alone")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         _check_numbers(args)
+        _check_text(args)
         return _COMMANDS[args.command](args)
 
     return report_user_errors(run)
@@ -133,6 +146,25 @@ def _check_numbers(args: argparse.Namespace) -> None:
             allowed.check(f"--{dest.replace('_', '-')}", getattr(args, dest))
     if hasattr(args, "num_images"):
         check_seeds("--seed", args.seed, args.num_images)
+
+
+def _check_utf8(option: str, text: str) -> None:
+    """Refuse text holding lone surrogates, naming the option: Python hands command-line bytes that are not UTF-8
+    over as such (surrogateescape), and tokenizers, records and terminals raise on them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InputError(f"{option} is not valid UTF-8 text (character {error.start + 1} is "
+                         f"{ascii(text[error.start])}, a byte that is not UTF-8); give it in UTF-8.") from error
+
+
+def _check_text(args: argparse.Namespace) -> None:
+    """Every text option (TEXT_OPTIONS) encodable as UTF-8, before any model loads."""
+    for dest in TEXT_OPTIONS:
+        values = getattr(args, dest, None)
+        for value in values if isinstance(values, list) else [values]:
+            if value is not None:
+                _check_utf8(f"--{dest.replace('_', '-')}", str(value))
 
 
 def _require_new_folder(folder: Path, command: str) -> None:
@@ -195,18 +227,15 @@ def _load(args: argparse.Namespace):
                       compile_decoding=args.compile)
 
 
-def _read_text(path: Path, what: str) -> str:
+def _read_text(path: Path, option: str) -> str:
+    """The UTF-8 text of `path`, given as `option`; bytes that are not UTF-8 are refused with where they are."""
     try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise InputError(f"Cannot read the {what} {path}: {error}") from error
-
-
-def _check_output_folder(folder: Path) -> None:
-    """Fail before any model work when the output folder cannot be one."""
-    existing = next((parent for parent in (folder, *folder.parents) if parent.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise InputError(f"Cannot write to {folder}: {existing} is a file, not a folder.")
+        return path.read_bytes().decode("utf-8")
+    except OSError as error:
+        raise InputError(f"Cannot read {option} {path}: {error.strerror or error}.") from error
+    except UnicodeDecodeError as error:
+        raise InputError(f"{option} {path} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+                         f"{error.start}); save it as UTF-8.") from error
 
 
 def _open_images(paths: list[Path], what: str) -> list:
@@ -253,59 +282,92 @@ def _ground_command(args: argparse.Namespace) -> int:
     from .metadata import dumps
 
     if args.out:
-        _check_output_folder(args.out.parent)
+        check_output_file(args.out)
     record = grounding_record(_ground(args, _load(args)))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(dumps(record) + "\n", encoding="utf-8")
+        _write_file(args.out, dumps(record) + "\n")
         print(f"wrote {args.out}")
     else:
         print(dumps(record))
     return 0
 
 
-def _generate_command(args: argparse.Namespace) -> int:
-    from .generation import generate
-    from .images import tensor_to_pil
-    from .metadata import dumps, save_png
+def _write_file(path: Path, text: str) -> None:
+    """A file output (ground --out, score --out), written whole, in folders created as needed."""
+    from .outputs import write_text
 
-    settings = SamplingSettings(cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    if args.mask and not args.ref:
-        raise InputError("--mask crops reference images; give the references with --ref.")
-    reasoning = "" if args.no_reasoning else args.reasoning
-    if args.reasoning_file:
-        reasoning = _read_text(args.reasoning_file, "reasoning file")
-    _check_output_folder(args.out)
-    mm = _load(args)
-    grounding = _ground(args, mm, settings) if args.ref else None
-    bar = _TokenBar("image tokens")
     try:
-        result = generate(mm, args.prompt, grounding, reasoning, args.num_images, settings, args.seed, progress=bar)
-    finally:
-        bar.close()
-    args.out.mkdir(parents=True, exist_ok=True)
-    files = [f"mmr1_seed{seed}.png" for seed in result.seeds]
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"Cannot create the folder {path.parent}: {error.strerror or error}.") from error
+    write_text(path, text)
+
+
+def _generation_record(args: argparse.Namespace, mm, grounding, settings: SamplingSettings, reasoning: str | None,
+                       seeds: list[int], subject: bool) -> dict:
+    """What determines the images (not --batch-size, which leaves them as they are): the JSON beside them."""
+    from .outputs import image_file
+
     record = {
         "model": str(mm.source),
         "prompt": args.prompt,
         "references": [str(path) for path in args.ref],
         "masks": [str(path) for path in args.mask],
         "grounding": None if grounding is None else grounding_record(grounding),
-        "reasoning": result.reasoning,
+        "reasoning": reasoning,
         "sampling": settings.to_dict(),
         "seed": args.seed,
-        "images": [{"file": name, "seed": seed} for name, seed in zip(files, result.seeds)],
+        "images": [{"file": image_file(seed), "seed": seed} for seed in seeds],
         "dtype": str(mm.dtype).replace("torch.", ""),
         "device": mm.device.type,
     }
-    if result.subject_image is not None:
+    if subject:
         record["subject_image"] = SUBJECT_FILE
-        save_png(tensor_to_pil(result.subject_image[0]), args.out / SUBJECT_FILE, record)
-    for image, name, seed in zip(result.pil_images(), files, result.seeds):
-        save_png(image, args.out / name, {**record, "image_seed": seed})
-    (args.out / "mmr1_generation.json").write_text(dumps(record) + "\n", encoding="utf-8")
-    written = [args.out / name for name in files] + ([args.out / SUBJECT_FILE] if "subject_image" in record else [])
-    print("wrote " + ", ".join(str(path) for path in written) + f" and {args.out / 'mmr1_generation.json'}")
+    return record
+
+
+def _listed(paths: list[Path], most: int = 8) -> str:
+    """Paths for a message: all of a few, the first and last of many."""
+    if len(paths) <= most:
+        return ", ".join(str(path) for path in paths)
+    return f"{paths[0]} ... {paths[-1]} ({len(paths)} images)"
+
+
+def _generate_command(args: argparse.Namespace) -> int:
+    from .generation import generate_batches
+    from .images import tensor_to_pil
+    from .metadata import dumps, save_png
+    from .outputs import claim_output_folder, image_file, write_text
+
+    settings = SamplingSettings(cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    if args.mask and not args.ref:
+        raise InputError("--mask crops reference images; give the references with --ref.")
+    reasoning = "" if args.no_reasoning else args.reasoning
+    if args.reasoning_file:
+        reasoning = _read_text(args.reasoning_file, "--reasoning-file")
+    earlier = check_output_folder(args.out, args.overwrite)
+    mm = _load(args)
+    grounding = _ground(args, mm, settings) if args.ref else None
+    seeds = [args.seed + index for index in range(args.num_images)]
+    record = None
+    bar = _TokenBar("image tokens")
+    try:
+        for _, result in generate_batches(mm, args.prompt, grounding, reasoning, args.num_images, args.batch_size,
+                                          settings, args.seed, progress=bar):
+            if record is None:  # the first batch: the folder is claimed only once there is something to write
+                record = _generation_record(args, mm, grounding, settings, result.reasoning, seeds,
+                                            result.subject_image is not None)
+                claim_output_folder(args.out, earlier)
+                if result.subject_image is not None:
+                    save_png(tensor_to_pil(result.subject_image[0]), args.out / SUBJECT_FILE, record)
+            for image, seed in zip(result.pil_images(), result.seeds):
+                save_png(image, args.out / image_file(seed), {**record, "image_seed": seed})
+    finally:
+        bar.close()
+    write_text(args.out / RECORD_FILE, dumps(record) + "\n")  # last: a record lists only images that are there
+    written = [args.out / image_file(seed) for seed in seeds]
+    subject = [args.out / SUBJECT_FILE] if "subject_image" in record else []
+    print(f"wrote {', '.join(filter(None, [_listed(written), _listed(subject)]))} and {args.out / RECORD_FILE}")
     if result.reasoning:
         print(f"reasoning: {result.reasoning}")
     return 0
@@ -313,17 +375,16 @@ def _generate_command(args: argparse.Namespace) -> int:
 
 def _demo_command(args: argparse.Namespace) -> int:
     """`generate` on the bundled references of a subject the embedded model never saw in training."""
-    import shutil
-
     from .embedded import demo_task
+    from .outputs import reference_file, write_bytes
 
     references, default_prompt = demo_task()
     args.ref, args.mask, args.prompt = references, [], args.prompt or default_prompt
     status = _generate_command(args)
-    for index, path in enumerate(references):
-        shutil.copyfile(path, args.out / f"reference-{index + 1}.png")
-    print(f"prompt: {args.prompt}\nreferences: " + ", ".join(str(args.out / f"reference-{index + 1}.png")
-                                                     for index in range(len(references))))
+    copies = [args.out / reference_file(index) for index in range(len(references))]
+    for path, copy in zip(references, copies):
+        write_bytes(copy, Path(path).read_bytes())
+    print(f"prompt: {args.prompt}\nreferences: " + ", ".join(str(copy) for copy in copies))
     return status
 
 
@@ -331,6 +392,8 @@ def _score_command(args: argparse.Namespace) -> int:
     from .metadata import dumps
     from .rewards import WeightedReward, load_reward_model, parse_reward_spec
 
+    if args.out:
+        check_output_file(args.out)
     components = []
     for spec in args.reward:
         kind, folder, weight = parse_reward_spec(spec)
@@ -346,7 +409,7 @@ def _score_command(args: argparse.Namespace) -> int:
         rows.append({"image": str(path), **values, "total": float(breakdown.total[index])})
         print("\t".join([path.name, *(f"{values[name]:.4f}" for name in names), f"{float(breakdown.total[index]):.4f}"]))
     if args.out:
-        args.out.write_text(dumps({"prompt": args.prompt, "rewards": args.reward, "scores": rows}) + "\n", encoding="utf-8")
+        _write_file(args.out, dumps({"prompt": args.prompt, "rewards": args.reward, "scores": rows}) + "\n")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +70,35 @@ def generate(
     return result
 
 
+def generate_batches(
+    mm,
+    prompt: str,
+    grounding: Grounding | None = None,
+    reasoning: str | None = None,
+    num_images: int = 1,
+    batch_size: int = 8,
+    settings: SamplingSettings = SamplingSettings(),
+    seed: int = 0,
+    progress: ProgressCallback | None = None,
+    cancel: CancelCheck | None = None,
+) -> Iterator[tuple[int, GenerationResult]]:
+    """`generate` of `num_images` drawn `batch_size` at a time, each batch (first image index, result) yielded as it
+    finishes: memory grows with the batch, not the count (CFG doubles the rows), and the images are the pixels
+    of one batch, since image i uses seed + i either way. `progress` sees (done, total) over all batches."""
+    if batch_size < 1:
+        raise InputError(f"batch_size must be at least 1, got {batch_size}.")
+    if num_images < 1:
+        raise InputError(f"num_images must be at least 1, got {num_images}.")
+    starts = range(0, num_images, batch_size)
+    steps = len(starts) * mm.num_image_tokens
+    for index, start in enumerate(starts):
+        done = index * mm.num_image_tokens
+        batch_progress = None if progress is None else (
+            lambda step, total, tokens=None, done=done: progress(done + step, steps, tokens))
+        yield start, generate(mm, prompt, grounding, reasoning, min(batch_size, num_images - start), settings,
+                              seed + start, progress=batch_progress, cancel=cancel)
+
+
 @torch.no_grad()
 def generate_chains(
     mm,
@@ -115,9 +145,16 @@ def _sample_images(mm, sequences: list[PromptSequence], settings: SamplingSettin
         synced=synced,
     )
     return GenerationResult(
-        images=mm.decode_image_tokens(sampled.tokens),
+        images=decode_rows(mm, sampled.tokens),
         tokens=sampled.tokens.cpu(),
         logprobs=None if sampled.logprobs is None else sampled.logprobs.cpu(),
         seeds=[seed + index for index in range(len(sequences))],
         reasoning=None,
     )
+
+
+def decode_rows(mm, tokens: torch.Tensor) -> torch.Tensor:
+    """Images [B, H, W, 3] of tokens [B, T], each row decoded alone: a batched VQ decode differs in the last float
+    bits with the batch size, which can tip a pixel's rounding, and image i must be the same pixels however many
+    images are drawn at once (`generate_batches`, --batch-size)."""
+    return torch.cat([mm.decode_image_tokens(row.unsqueeze(0)) for row in tokens])

@@ -6,28 +6,80 @@ Conventions: a PIL image is the exchange format inside mmr1; tensors follow Comf
 
 from __future__ import annotations
 
+import struct
+import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps
 
 from .errors import InputError
 
 BACKGROUND_GREY = (127, 127, 127)  # Janus' letterbox colour
+# Largest image a file may declare (width x height): a 108 MP phone photo passes; a decompression bomb (a small
+# file declaring, say, 30000x30000 = 900 MP, 2.7 GB once decoded) is refused from its header, before any pixel is
+# allocated. Our own number, not PIL's Image.MAX_IMAGE_PIXELS, a global other node packs often set to None.
+MAX_IMAGE_PIXELS = 12_000 * 12_000
+# Longest side an image is kept at: Janus sees 384 px and the reward models 224, so a larger one only costs memory
+# (a 100 MP photo is 300 MB as RGB). JPEGs decode at 1/2..1/8 scale straight from the file (Image.draft).
+MAX_IMAGE_SIDE = 2048
+_TURNED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+_OPENING = threading.Lock()  # warnings.catch_warnings is process-wide: one thread at a time changes its filters
+# What PIL raises on a corrupt file, besides OSError: parsers use SyntaxError, struct and Value errors, EOFError.
+_CORRUPT = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
 # Full scale of high-bit-depth modes; mode "I" (also used for 16-bit PNGs) is judged by its values.
 _PEAKS = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "F": 1.0}
 
 
+def bounded_size(width: int, height: int, side: int = MAX_IMAGE_SIDE) -> tuple[int, int]:
+    """(width, height) scaled to fit `side`, aspect kept, unchanged when it fits. A function of the size alone (and
+    symmetric), so a photo and its mask of the same size, turned or not, come back the same size."""
+    scale = side / max(width, height, 1)
+    return (width, height) if scale >= 1 else (max(round(width * scale), 1), max(round(height * scale), 1))
+
+
+def _refuse_huge(image: Image.Image, path: str | Path, what: str) -> None:
+    """A clear error for a declared size over MAX_IMAGE_PIXELS, read from the header before decoding."""
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise InputError(
+            f"Cannot read {what} {path}: it declares {width}x{height} pixels ({width * height / 1e6:.0f} MP), over "
+            f"the limit of {MAX_IMAGE_PIXELS / 1e6:.0f} MP (mmr1.images.MAX_IMAGE_PIXELS): a decompression bomb or "
+            "an image far larger than any use here; downscale it first."
+        )
+
+
+def _open(path: str | Path) -> Image.Image:
+    """Image.open without PIL's DecompressionBombWarning (its threshold, 89 MP, is below ours and `_refuse_huge`
+    decides with a clearer message); PIL's DecompressionBombError (over 179 MP) still stops a bomb there."""
+    with _OPENING, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(path)
+
+
 def open_image(path: str | Path, what: str = "image") -> Image.Image:
-    """The image of a file as it is displayed: loaded whole, turned by its EXIF orientation (as ComfyUI's Load
-    Image does, so the CLI, the trainer and the nodes see the same pixels and a mask drawn on the displayed photo
-    fits), in its own mode (callers convert with `to_rgb` or `mask_to_array`). The one reader of image files."""
+    """The image of a file as it is displayed: turned by its EXIF orientation (as ComfyUI's Load Image does, so the
+    CLI, the trainer and the nodes see the same pixels and a mask drawn on the displayed photo fits), in its own mode
+    (callers convert with `to_rgb` or `mask_to_array`). The one reader of image files, hence where the size limits
+    live: a declared size over MAX_IMAGE_PIXELS is refused, and the longest side is brought down to MAX_IMAGE_SIDE
+    (JPEGs decoded at reduced scale), so memory stays bounded whatever the file."""
     try:
-        with Image.open(path) as image:
+        with _open(path) as image:
+            _refuse_huge(image, path, what)
+            size = bounded_size(*image.size)
+            turned = image.getexif().get(ExifTags.Base.Orientation) in _TURNED
+            image.draft(image.mode, size)  # JPEG only (a no-op elsewhere): decode at the smallest scale >= size
             image.load()
-            return ImageOps.exif_transpose(image)
-    except (OSError, UnidentifiedImageError) as error:
+            ImageOps.exif_transpose(image, in_place=True)
+            size = size[::-1] if turned else size
+            if image.size == size:
+                return image.copy()
+            return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    except InputError:
+        raise
+    except _CORRUPT as error:
         raise InputError(f"Cannot read {what} {path}: {error}") from error
 
 

@@ -7,14 +7,17 @@ Three kinds of folder load through `load_model`:
 - a LoRA adapter written by training/ (`adapter_config.json` naming its base folder): the base is loaded as
   above, then the adapter is merged with peft.
 Nothing here touches the network, trusts remote code or unpickles arbitrary objects: safetensors, or `.bin`
-only through `torch.load(weights_only=True)`.
+only through `torch.load(weights_only=True)`; a `.bin` holding anything but tensors is refused. Weights holding
+NaN or inf are refused too, naming the tensor.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from pickle import UnpicklingError
 
 import torch
 
@@ -32,6 +35,13 @@ LAYOUT_HELP = (
     "processor_config.json); or a LoRA adapter folder (adapter_config.json, adapter_model.safetensors)."
 )
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+# What torch.load(weights_only=True) says when a pickle holds more than tensors; its advice to retry with
+# weights_only=False (which would run whatever code the pickle holds) is never passed on.
+_WEIGHTS_ONLY_REFUSAL = "Weights only load failed"
+# Floating dtypes aminmax reads (others, such as float8, take the slower isfinite path).
+_MINMAX_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -62,6 +72,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         raise InputError(f"Device {device} was asked for, but there are {torch.cuda.device_count()} CUDA GPUs.")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise InputError("Device mps was asked for, but MPS is not available.")
+    if device.type == "meta":
+        raise InputError("Device meta holds shapes but no weights, so nothing could run; use cpu, cuda, cuda:1, mps, ...")
     return device
 
 
@@ -93,8 +105,11 @@ def load_model(
         _require_files(path)
         processor = load_processor(path)
         tokens = SpecialTokens.from_tokenizer(processor.tokenizer, str(path))
-        model = _load_janus(path, layout, tokens, torch_dtype, attn_implementation)
-        mm = MMR1Model(model.to(device).eval(), processor, tokens, path, layout)
+        config = _janus_config(path, layout, tokens)
+        check_processor_fits(path, processor, config)
+        model = _load_janus(path, layout, config, torch_dtype, attn_implementation).to(device).eval()
+        check_finite(path, _named_tensors(model), torch_dtype)  # on the device, which reads them fastest
+        mm = MMR1Model(model, processor, tokens, path, layout)
     mm.compile_decoding = compile_decoding
     return mm
 
@@ -111,10 +126,24 @@ def _check_folder(folder: str | os.PathLike) -> Path:
 
 
 def read_json(path: Path) -> dict:
+    """A JSON object: every config file mmr1 reads is one, and a list or number would fail later as `.get`."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        content = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ModelFolderError(f"{path} is not readable JSON ({error}).") from error
+    if not isinstance(content, dict):
+        raise ModelFolderError(f"{path} holds a JSON {_json_kind(content)}, not an object of settings.")
+    return content
+
+
+def _json_kind(content: object) -> str:
+    if isinstance(content, list):
+        return "list"
+    if isinstance(content, bool):
+        return "boolean"
+    if isinstance(content, (int, float)):
+        return "number"
+    return "string" if isinstance(content, str) else "null"
 
 
 def detect_layout(folder: Path) -> str:
@@ -140,42 +169,139 @@ def _require_files(folder: Path) -> None:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         if not (folder / name).is_file():
             missing.append(name)
-    if not any((folder / name).is_file() for name in ("preprocessor_config.json", "processor_config.json")):
-        missing.append("preprocessor_config.json or processor_config.json")
+    if not any((folder / name).is_file() for name in _PROCESSOR_FILES):
+        missing.append(" or ".join(_PROCESSOR_FILES))
     if missing:
         raise ModelFolderError(f"{folder} is missing: {'; '.join(missing)}. {LAYOUT_HELP}")
 
 
-def _load_janus(folder: Path, layout: str, tokens: SpecialTokens, dtype: torch.dtype, attn_implementation: str):
+def _janus_config(folder: Path, layout: str, tokens: SpecialTokens):
+    """The JanusConfig of either layout, read before any weight so that the processor can be checked against it."""
+    from transformers import JanusConfig
+
+    from .deepseek_layout import janus_config_from_deepseek
+
+    try:
+        if layout == "hf":
+            return JanusConfig.from_pretrained(folder, local_files_only=True)
+        return janus_config_from_deepseek(
+            read_json(folder / "config.json"),
+            pad_token_id=tokens.pad,
+            bos_token_id=tokens.bos,
+            eos_token_id=tokens.eos,
+            image_token_id=tokens.image_placeholder,
+        )
+    except ModelFolderError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, OSError) as error:
+        raise ModelFolderError(f"{folder / 'config.json'} is not a Janus config ({_first_line(error)}).") from error
+
+
+def check_processor_fits(folder: Path, processor, config) -> None:
+    """Refuse processor files made for another resolution than the vision model: SigLIP's position embeddings
+    cover one image size (another fails deep in the forward as a shape error), and the prompt reserves
+    `num_image_tokens` placeholders for each reference image."""
+    vision = config.vision_config
+    size = processor.image_processor.size
+    source = next((name for name in _PROCESSOR_FILES if (folder / name).is_file()), _PROCESSOR_FILES[0])
+    if (size["height"], size["width"]) != (vision.image_size, vision.image_size):
+        raise ModelFolderError(
+            f"{folder / source} resizes images to {size['height']}x{size['width']}, but config.json's vision model "
+            f"takes {vision.image_size}x{vision.image_size}; the processor files belong to another model."
+        )
+    if processor.num_image_tokens != vision.num_image_tokens:
+        raise ModelFolderError(
+            f"{folder / 'processor_config.json'} has num_image_tokens {processor.num_image_tokens}, but config.json's "
+            f"vision model gives {vision.num_image_tokens} per image; the processor files belong to another model."
+        )
+
+
+def _load_janus(folder: Path, layout: str, config, dtype: torch.dtype, attn_implementation: str):
     from safetensors import SafetensorError
     from transformers import JanusForConditionalGeneration
 
-    kwargs = {"attn_implementation": attn_implementation, _dtype_kwarg(): dtype}
+    kwargs = {"config": config, "attn_implementation": attn_implementation, _dtype_kwarg(): dtype}
     try:
         if layout == "hf":
             model, info = JanusForConditionalGeneration.from_pretrained(
                 folder, local_files_only=True, output_loading_info=True, **kwargs
             )
         else:
-            from .deepseek_layout import convert_deepseek_state_dict, janus_config_from_deepseek
+            from .deepseek_layout import convert_deepseek_state_dict
 
-            config = janus_config_from_deepseek(
-                read_json(folder / "config.json"),
-                pad_token_id=tokens.pad,
-                bos_token_id=tokens.bos,
-                eos_token_id=tokens.eos,
-                image_token_id=tokens.image_placeholder,
-            )
             state_dict = convert_deepseek_state_dict(read_state_dict(folder))
             model, info = JanusForConditionalGeneration.from_pretrained(
-                None, config=config, state_dict=state_dict, output_loading_info=True, **kwargs
+                None, state_dict=state_dict, output_loading_info=True, **kwargs
             )
     except ModelFolderError:
         raise
-    except (SafetensorError, RuntimeError, ValueError, OSError, KeyError, EOFError) as error:
+    except (UnpicklingError, SafetensorError, RuntimeError, ValueError, OSError, KeyError, EOFError) as error:
+        refused = refused_pickle(error)
+        if refused is not None:
+            raise pickle_error(sorted(folder.glob("pytorch_model*.bin")), refused, "model.safetensors") from error
         raise ModelFolderError(f"Could not load the weights in {folder}: {_first_line(error)}") from error
     check_load_report(folder, info)
     return model
+
+
+def refused_pickle(error: BaseException) -> UnpicklingError | None:
+    """The UnpicklingError behind `error` (transformers and peft raise torch's as is, or wrap it), if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, UnpicklingError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def pickle_error(files: Sequence[Path], error: UnpicklingError, safetensors_name: str) -> ModelFolderError:
+    """The message for a `.bin` that the weights-only unpickler refused, or that is no pickle at all; torch's own
+    text (its advice to retry with weights_only=False, which would run the pickle's code) is never relayed."""
+    names = ", ".join(str(file) for file in files) or "the .bin weights"
+    if _WEIGHTS_ONLY_REFUSAL not in str(error):
+        return ModelFolderError(f"{names} is corrupt or not a weights file (not a readable pickle).")
+    return ModelFolderError(
+        f"{names} holds objects other than tensors, so it is not loaded: .bin pickles are read only as plain "
+        f"tensors, since unpickling anything else can run code. Convert the weights to safetensors "
+        f"({safetensors_name}) from a copy you trust."
+    )
+
+
+def check_finite(folder: Path, tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None = None,
+                 what: str = "The weights") -> None:
+    """Refuse weights holding NaN or inf (a checkpoint saved after training diverged, or values beyond fp16's
+    range): they load without a word and then sample noise."""
+    bad = nonfinite_tensors(tensors)
+    if bad:
+        hint = " (fp16 turns values beyond 65504 into inf: load it in bf16 or fp32)" if dtype == torch.float16 else ""
+        raise ModelFolderError(f"{what} in {folder} hold NaN or infinite values, in {_preview(bad)}{hint}.")
+
+
+def nonfinite_tensors(tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """Names of the floating tensors holding NaN or inf. aminmax reads each tensor once with no temporary and
+    propagates NaN (isfinite(t).all() first writes a bool copy: ~25x slower on a CPU core); the flags stay on the
+    device until one host sync at the end."""
+    names, flags = [], []
+    for name, tensor in tensors:
+        if not tensor.is_floating_point() or tensor.numel() == 0 or tensor.device.type == "meta":
+            continue
+        if tensor.dtype in _MINMAX_DTYPES:
+            low, high = torch.aminmax(tensor.detach())
+            flags.append(torch.isfinite(low) & torch.isfinite(high))
+        else:
+            flags.append(torch.isfinite(tensor.detach()).all())
+        names.append(name)
+    if not flags:
+        return []
+    finite = torch.stack([flag.to(flags[0].device) for flag in flags]).tolist()
+    return [name for name, ok in zip(names, finite) if not ok]
+
+
+def _named_tensors(model: torch.nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
+    """Parameters and buffers, a tied weight once."""
+    yield from model.named_parameters()
+    yield from model.named_buffers()
 
 
 def check_load_report(folder: Path, info: dict) -> None:
@@ -197,8 +323,6 @@ def _dtype_kwarg() -> str:
 
 def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of a folder's weight files (single or sharded), safetensors first, pickles only as weights."""
-    from pickle import UnpicklingError
-
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -207,8 +331,10 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
         ("pytorch_model.bin.index.json", "pytorch_model.bin"),
     ):
         if (folder / index_name).is_file():
-            shard_names = sorted(set(read_json(folder / index_name).get("weight_map", {}).values()))
-            files = [folder / name for name in shard_names]
+            weight_map = read_json(folder / index_name).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ModelFolderError(f"{folder / index_name} has no weight_map object naming the shards.")
+            files = [folder / name for name in sorted(set(weight_map.values()))]
         elif (folder / single_name).is_file():
             files = [folder / single_name]
         else:
@@ -222,7 +348,9 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
                     state_dict.update(load_file(str(file)))
                 else:
                     state_dict.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
-            except (SafetensorError, UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as error:
+            except UnpicklingError as error:
+                raise pickle_error([file], error, "model.safetensors") from error
+            except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as error:
                 raise ModelFolderError(f"{file} is corrupt or not a weights file ({_first_line(error)}).") from error
         return state_dict
     raise ModelFolderError(f"{folder} has no weights ({' or '.join(_WEIGHT_FILES)}). {LAYOUT_HELP}")
@@ -279,11 +407,12 @@ def _image_processor_config(folder: Path) -> dict:
 def _load_lora(folder: Path, dtype: torch.dtype, device: torch.device, attn_implementation: str) -> MMR1Model:
     """A LoRA adapter over its base folder (absolute, or relative to the adapter), merged for inference."""
     try:
-        from peft import PeftModel
+        from peft import PeftModel, get_peft_model_state_dict
     except ImportError as error:
         raise ModelFolderError(
             f"{folder} is a LoRA adapter; loading it needs the peft package (pip install peft)."
         ) from error
+    _check_adapter_weights(folder)  # before the base, which takes far longer to load
     base_name = read_json(folder / "adapter_config.json").get("base_model_name_or_path")
     if not base_name:
         raise ModelFolderError(f"{folder}/adapter_config.json does not name its base model folder.")
@@ -296,11 +425,46 @@ def _load_lora(folder: Path, dtype: torch.dtype, device: torch.device, attn_impl
         base = load_model(base_path, dtype, "cpu", attn_implementation)
     except ModelFolderError as error:
         raise ModelFolderError(f"The LoRA adapter {folder} names the base folder {base_path}: {error}") from error
+    from safetensors import SafetensorError
+
     try:
-        merged = PeftModel.from_pretrained(base.model, folder, is_trainable=False).merge_and_unload()
-    except (RuntimeError, ValueError, OSError, KeyError) as error:
+        adapted = PeftModel.from_pretrained(base.model, folder, is_trainable=False)
+    except (UnpicklingError, SafetensorError, RuntimeError, ValueError, OSError, KeyError) as error:
+        refused = refused_pickle(error)
+        if refused is not None:
+            raise pickle_error([folder / "adapter_model.bin"], refused, "adapter_model.safetensors") from error
         raise ModelFolderError(f"Could not apply the LoRA adapter in {folder}: {_first_line(error)}") from error
+    check_finite(folder, get_peft_model_state_dict(adapted).items(), dtype, what="The LoRA weights")
+    merged = adapted.merge_and_unload()
     return MMR1Model(merged.to(device).eval(), base.processor, base.tokens, folder, "lora")
+
+
+def _check_adapter_weights(folder: Path) -> None:
+    """The adapter's weights file is there and readable: peft otherwise takes the folder for a Hub repo id
+    ("Repo id must be a string"), and a cut file would fail only after the base has loaded."""
+    from safetensors import SafetensorError, safe_open
+
+    safetensors_file, pickle_file = (folder / name for name in _ADAPTER_WEIGHT_FILES)
+    if safetensors_file.is_file():
+        try:
+            with safe_open(str(safetensors_file), framework="pt"):
+                pass  # the header is checked against the file's length: a cut file fails here
+        except (SafetensorError, OSError) as error:
+            raise ModelFolderError(
+                f"{safetensors_file} is corrupt or truncated ({_first_line(error)}); copy the adapter again."
+            ) from error
+    elif pickle_file.is_file():
+        try:
+            torch.load(pickle_file, map_location="cpu", weights_only=True)  # small; peft reads it again
+        except UnpicklingError as error:
+            raise pickle_error([pickle_file], error, safetensors_file.name) from error
+        except (RuntimeError, OSError, EOFError, ValueError) as error:
+            raise ModelFolderError(f"{pickle_file} is corrupt or not a weights file ({_first_line(error)}).") from error
+    else:
+        raise ModelFolderError(
+            f"The LoRA adapter folder {folder} has no weights: expected {safetensors_file.name} (or "
+            f"{pickle_file.name}) next to adapter_config.json."
+        )
 
 
 def _first_line(error: BaseException) -> str:

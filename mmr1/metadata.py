@@ -6,10 +6,13 @@ byte-identical files.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
+
+from .outputs import write_bytes
 
 PNG_TEXT_KEY = "mmr1"
 
@@ -20,11 +23,20 @@ def dumps(record: dict) -> str:
     return json.dumps(record, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False)
 
 
-def save_png(image: Image.Image, path: Path, record: dict) -> None:
-    """Write `image` as PNG with `record` as an iTXt chunk under PNG_TEXT_KEY."""
+def png_bytes(image: Image.Image, record: dict) -> bytes:
+    """`image` as PNG with `record` as an iTXt chunk under PNG_TEXT_KEY."""
     info = PngImagePlugin.PngInfo()
     info.add_itxt(PNG_TEXT_KEY, dumps(record))
-    image.save(path, format="PNG", pnginfo=info)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def save_png(image: Image.Image, path: Path, record: dict) -> None:
+    """Write `image` as PNG with `record` (see `png_bytes`), whole or not at all: encoded in memory, then written
+    under a temporary name and renamed into place (outputs.write_bytes), so a full disk leaves no partial PNG
+    and a link at `path` is replaced, not written through."""
+    write_bytes(path, png_bytes(image, record))
 
 
 def read_png_record(path: Path) -> dict:

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from .errors import GenerationCancelled, InputError
+from .errors import GenerationCancelled, InputError, MMR1Error
 from .decoding import decoding_for
 from .prompting import BatchedPrefix
 from .ranges import Range
@@ -124,6 +124,25 @@ def draw(logprobs: torch.Tensor, uniforms: torch.Tensor | None) -> torch.Tensor:
     return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=logprobs.shape[-1] - 1)
 
 
+def check_finite_logits(row_max: torch.Tensor, lengths: torch.Tensor) -> None:
+    """Refuse a run whose logits turned NaN or inf, from each step's max log-prob per row [B, N]: a NaN or +inf
+    logit makes the row's whole log-softmax NaN, as an all -inf row does, while truncated tokens are -inf but never
+    the max. The steps only record the max (one reduction, no host sync); this reads them once, after the loop.
+    Rows that stopped earlier are left out: they step on pad tokens that nobody samples."""
+    live = torch.arange(row_max.shape[1], device=row_max.device) < lengths.unsqueeze(1)
+    broken = ~torch.isfinite(row_max) & live
+    if not bool(broken.any()):
+        return
+    rows, steps = broken.nonzero(as_tuple=True)
+    first = int(steps.argmin())
+    step, row, others = int(steps[first]), int(rows[first]), len(set(rows.tolist())) - 1
+    raise MMR1Error(
+        f"The model's logits were NaN or infinite at token {step + 1} of {row_max.shape[1]} (row {row}"
+        f"{f' and {others} more rows' if others else ''}); the tokens drawn from them would be noise. "
+        "Its weights hold non-finite values, or an activation overflowed in fp16 (load it in bf16 or fp32)."
+    )
+
+
 @dataclass
 class Modality:
     """What distinguishes image from text decoding: the output head and how a sampled token is embedded."""
@@ -180,6 +199,7 @@ def sample_tokens(
     `synced` (transformers' `synced_gpus`), when torch.distributed is initialised: a process whose rows have all
     stopped keeps stepping on pad tokens until every process's have, since under FSDP and ZeRO-3 each forward is a
     collective. What it returns is what an unsynced run returns, trimmed where its own rows stopped.
+    Logits that turn NaN or inf (a broken checkpoint, an fp16 overflow) raise MMR1Error naming the token.
     """
     if settings.guided and unconditional is None:
         raise ValueError("Guided sampling needs the unconditional prefix.")
@@ -192,6 +212,7 @@ def sample_tokens(
     logprobs = torch.zeros((batch, num_tokens), dtype=torch.float32, device=device) if return_logprobs else None
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     lengths = torch.full((batch,), num_tokens, dtype=torch.long, device=device)
+    row_max = torch.zeros((batch, num_tokens), dtype=torch.float32, device=device)  # for check_finite_logits
     stop_ids = torch.tensor(stop_tokens, device=device)
     stopped_at: int | None = None  # the columns kept: up to the step where this process's rows had all stopped
 
@@ -201,6 +222,7 @@ def sample_tokens(
         if cancel is not None and cancel():
             raise GenerationCancelled("Generation was cancelled.")
         step_logprobs = policy_logprobs(logits.view(2, batch, -1) if settings.guided else logits, settings)
+        row_max[:, step] = step_logprobs.amax(dim=-1)
         token = draw(step_logprobs, None if noise is None else noise[:, step])
         token = torch.where(finished, torch.full_like(token, pad_token), token)
         tokens[:, step] = token
@@ -226,6 +248,7 @@ def sample_tokens(
         if step + 1 < num_tokens:
             step_embeds = modality.embed(token.repeat(2 if settings.guided else 1)).unsqueeze(1)
             logits = decoding.step(step_embeds.to(rows.embeds.dtype))
+    check_finite_logits(row_max, lengths)
     if stopped_at is not None:
         tokens, logprobs = tokens[:, :stopped_at], None if logprobs is None else logprobs[:, :stopped_at]
     return SampledTokens(tokens, logprobs, lengths)

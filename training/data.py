@@ -19,11 +19,16 @@ Keys:
 - `id`: a unique name for logs and resuming; defaults to "line-<n>" (n counts file lines from 1).
 
 Relative paths resolve against the JSONL file's folder, so a dataset moves with its images. Unknown keys are
-an error rather than ignored, so a typo ("refrences") cannot silently drop data. Every image file must exist
-when the file is read: a training run should fail at start, not hours in.
+an error rather than ignored, so a typo ("refrences") cannot silently drop data. Every image file must exist and
+decode (each opened once, fully, through mmr1.images.open_image) when the file is read: a training run should
+fail at start, naming the line and file, not when a corrupt image's record is first drawn hours in.
+
+Paths outside the JSONL file's folder (absolute, "../", a symlink pointing out) are what `write_records` writes
+for images kept elsewhere (DreamBench's photos, the embedded demo), so training reads them; `check` reports them
+as errors unless --allow-outside, so a dataset from elsewhere is vetted before it makes a run read other files.
 
 CLI (DreamBench's folder becomes records with `python -m training.dreambench records`):
-    python -m training.data check FILE.jsonl [--require target,reasoning]
+    python -m training.data check FILE.jsonl [--require target,reasoning] [--allow-outside]
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import random
 import sys
 import tempfile
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +53,8 @@ from mmr1.xcot import prepare_references
 KEYS = ("references", "masks", "prompt", "target", "subject_image", "reasoning", "subject", "id")  # the files' order
 REQUIRABLE = ("masks", "target", "subject_image", "reasoning", "subject")
 _LISTED = 20  # longest list of lines or files an error message spells out
+_BAR_FROM = 64  # images from which reading a dataset draws a progress bar
+_DECODERS = min(8, os.cpu_count() or 1)  # PIL decodes outside the GIL, so threads overlap the files
 
 
 def absolute_path(path: str | Path) -> Path:
@@ -135,9 +143,9 @@ class Record:
         return {key: value for key, value in values.items() if value is not None}
 
 
-def _listed(items: Sequence[str]) -> str:
-    shown = ", ".join(items[:_LISTED])
-    return shown if len(items) <= _LISTED else f"{shown} and {len(items) - _LISTED} more"
+def _listed(items: Sequence[str], separator: str = ", ") -> str:
+    shown, tail = separator.join(items[:_LISTED]), " " if separator == ", " else separator
+    return shown if len(items) <= _LISTED else f"{shown}{tail}and {len(items) - _LISTED} more"
 
 
 def _parse_line(values: object, line: int, folder: Path) -> Record:
@@ -180,8 +188,66 @@ def _parse_line(values: object, line: int, folder: Path) -> Record:
     )
 
 
-def read_records(path: str | Path, require: Sequence[str] = ()) -> list[Record]:
-    """Every record of a JSONL file, checked: each `require`d key present and every named image on disk."""
+def _refuse_outside(path: Path, lines: Sequence[int], records: Sequence[Record]) -> None:
+    """Image paths that leave the JSONL file's folder once resolved (absolute, "../", symlinks followed), as one
+    error: a dataset from elsewhere must not make a run read, train on and show in its samples other files."""
+    root = Path(os.path.realpath(path.parent))
+    outside = []
+    for line, record in zip(lines, records):
+        for file in record.files():
+            resolved = Path(os.path.realpath(file))  # realpath, unlike resolve, never raises on a symlink loop
+            if not resolved.is_relative_to(root):
+                outside.append(f"line {line}: {file}" + ("" if resolved == file else f" (-> {resolved})"))
+    if outside:
+        raise InputError(
+            f"{path}: {len(outside)} image paths lie outside the dataset's folder {root}: {_listed(outside)}. Keep "
+            "the images under the folder of the JSONL file, or pass --allow-outside for a dataset you trust."
+        )
+
+
+def _probe(file: Path) -> tuple[tuple[int, int] | None, str | None]:
+    """Decode one image as training will (open_image: whole, turned, bounded), giving its size or what is wrong."""
+    try:
+        return open_image(file).size, None
+    except InputError as error:
+        return None, str(error)
+
+
+def _check_images(path: Path, lines: Sequence[int], records: Sequence[Record]) -> None:
+    """Decode every image once (in threads, a progress bar for large sets) and compare each mask's size with its
+    reference's, reporting every bad file by line at once."""
+    from tqdm.auto import tqdm
+
+    used_on: dict[Path, list[int]] = {}
+    for line, record in zip(lines, records):
+        for file in record.files():
+            used_on.setdefault(file, []).append(line)
+    files = list(used_on)
+    with ThreadPoolExecutor(_DECODERS) as pool:
+        probes = tqdm(pool.map(_probe, files), total=len(files), desc=f"decoding {path.name}", unit="image",
+                      disable=True if len(files) < _BAR_FROM else None, leave=False)
+        results = dict(zip(files, probes))
+
+    def where(file: Path) -> str:
+        first, others = used_on[file][0], len(used_on[file]) - 1
+        return f"line {first}" + (f" (and {others} more lines)" if others else "")
+
+    problems = [f"{where(file)}: {error}" for file, (_, error) in results.items() if error is not None]
+    for line, record in zip(lines, records):
+        for index, (reference, mask) in enumerate(zip(record.references, record.masks or ()), start=1):
+            image_size, mask_size = results[reference][0], None if mask is None else results[mask][0]
+            if image_size is not None and mask_size is not None and mask_size != image_size:
+                problems.append(f"line {line}: mask {index} {mask} is {mask_size[0]}x{mask_size[1]} but its reference "
+                                f"{reference} is {image_size[0]}x{image_size[1]}; a mask must have its image's size")
+    if problems:
+        listed = _listed(problems, separator="\n  ")
+        raise InputError(f"{path}: {len(problems)} images cannot be used:\n  {listed}")
+
+
+def read_records(path: str | Path, require: Sequence[str] = (), allow_outside: bool = True) -> list[Record]:
+    """Every record of a JSONL file, checked: each `require`d key present, every named image on disk and decoding
+    (each opened once, here, rather than when its record is drawn), and with allow_outside=False (what `check`
+    does by default) every image inside the file's folder."""
     path = absolute_path(path)
     unknown = [key for key in require if key not in REQUIRABLE]
     if unknown:
@@ -217,11 +283,14 @@ def read_records(path: str | Path, require: Sequence[str] = ()) -> list[Record]:
         lacking = [str(line) for line, record in zip(lines, records) if getattr(record, key) is None]
         if lacking:
             raise InputError(f"{path}: {len(lacking)} records lack {key!r} (lines {_listed(lacking)}).")
+    if not allow_outside:
+        _refuse_outside(path, lines, records)
     missing = [
         f"line {line}: {file}" for line, record in zip(lines, records) for file in record.files() if not file.is_file()
     ]
     if missing:
         raise InputError(f"{path}: {len(missing)} files are missing: {_listed(missing)}.")
+    _check_images(path, lines, records)
     return records
 
 
@@ -281,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate a JSONL file and summarise it")
     check.add_argument("file", type=Path)
     check.add_argument("--require", default="", help=f"comma-separated keys every record needs: {','.join(REQUIRABLE)}")
+    check.add_argument("--allow-outside", action="store_true",
+                       help="accept image paths outside the file's folder (absolute, ../, symlinks out)")
     return parser
 
 
@@ -290,12 +361,14 @@ def split_names(text: str | None) -> list[str] | None:
 
 
 def _check_command(args: argparse.Namespace) -> int:
-    records = read_records(args.file, split_names(args.require))
+    records = read_records(args.file, split_names(args.require), allow_outside=args.allow_outside)
     counts = {key: sum(getattr(record, key) is not None for record in records) for key in REQUIRABLE}
     per_record = [len(record.references) for record in records]
+    images = len({file for record in records for file in record.files()})
     print(
         f"{args.file}: {len(records)} records, {min(per_record)}-{max(per_record)} references each; "
         + ", ".join(f"{count} with {key}" for key, count in counts.items())
+        + f"; all {images} images decode"
     )
     return 0
 

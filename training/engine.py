@@ -4,6 +4,8 @@ and its schedule, resumable checkpoints, metrics and exports.
 
 Layout of a run's `output_dir`:
 
+    mmr1_run.json              written first: this folder is a run of this kit, of the recipe it names
+    mmr1_run.lock              flock'ed while a run writes here (a second run at once is refused)
     metrics.jsonl              one JSON line per logged step
     checkpoints/step-000020/   a folder mmr1 loads (model or LoRA adapter, processor, mmr1_training.json)
         engine_state/          optimizer, RNG states and model as accelerate saves them
@@ -11,9 +13,11 @@ Layout of a run's `output_dir`:
     final/                     the last step's export, without the engine state
     samples/step-000020.png    sample grids (GRPO), curves.png at the end
 
-A run started again with the same output_dir resumes from its newest checkpoint (`resume = true`), and the result
-is the same as a run that was never interrupted. A resume reads only JSON, safetensors and torch archives of
-tensors and plain data (`check_code_free`), so a run folder someone else prepared cannot run code.
+A run writes only into a new or empty folder or a run of its recipe, and removes only what it wrote there (see
+training/checkpoints.py). A run started again with the same output_dir resumes from its newest checkpoint
+(`resume = true`; from the older one kept when the newest is torn), and the result is the same as a run that was
+never interrupted. A resume reads only JSON, safetensors and torch archives of tensors and plain data
+(`check_code_free`), so a run folder someone else prepared cannot run code.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ import importlib.util
 import itertools
 import json
 import math
+import re
 import shutil
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +42,8 @@ from mmr1.errors import MMR1Error
 from mmr1.ranges import Range
 from mmr1.xcot import SUBJECT_SOURCES
 
-from .checkpoints import check_code_free, publish, remove_leftovers, retire, temporary_name
+from .checkpoints import (CorruptCheckpoint, FolderLock, RunFolderError, check_code_free, check_complete,
+                          claim_run_folder, publish, remove_leftovers, retire, temporary_name)
 from .config import (AT_LEAST_ONE, AT_LEAST_ZERO, POSITIVE, PROBABILITY, ConfigError, check_knobs, config_to_dict,
                      knob)
 from .data import RecordOrder
@@ -46,8 +53,13 @@ from .policy import LORA_TARGETS, LoraSettings, Policy
 
 TRAINER_STATE = "trainer_state.json"
 ENGINE_STATE = "engine_state"
-# Keys that may change between a run and its resumption without changing what it computes.
-RESUMABLE_CHANGES = {"steps", "log_every", "save_every", "sample_every", "keep_checkpoints", "resume", "device"}
+# Keys that may change between a run and its resumption without changing what it computes (output_dir: the run
+# folder moved; the checkpoints found in it are the run's).
+RESUMABLE_CHANGES = {"steps", "log_every", "save_every", "sample_every", "keep_checkpoints", "resume", "device",
+                     "output_dir"}
+CHECKPOINT_NAME = re.compile(r"step-(\d{6,})")
+# What a run writes with a hidden twin (temporary_name, publish, retire), whose leftovers it removes.
+LEFTOVERS_IN_CHECKPOINTS, LEFTOVERS_IN_OUTPUT = r"step-\d{6,}", r"final|metrics\.jsonl|mmr1_run\.json"
 TRAINING_SEEDS = Range(0, 2**32 - 1, note="accelerate's set_seed seeds numpy, which takes 32 bits")
 DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu", "npu")  # accelerate gives each process its index
 
@@ -94,6 +106,10 @@ class RunConfig:
         for name in ("model", "data"):
             if getattr(self, name) is None:
                 raise ValueError(f"config key {name!r} is required")
+        if self.output_dir is None or Path(self.output_dir) == Path("."):
+            raise ValueError(f"config key 'output_dir' is {str(self.output_dir or '')!r}, the current directory; a "
+                             "run writes checkpoints/, final/ and metrics.jsonl there, so name a folder of its own "
+                             "(e.g. runs/sft)")
         if self.lora_rank and not self.lora_targets:
             raise ValueError(f"config key 'lora_targets' is empty; LoRA needs some of {LORA_TARGETS}")
 
@@ -168,7 +184,6 @@ class Run:
         self.output = Path(config.output_dir)
         self.checkpoints = self.output / "checkpoints"
         self.metrics_path = self.output / "metrics.jsonl"
-        self.latest = self._check_resumable()  # before any model loads: a mismatch is a config error
         self.accelerator = Accelerator(
             cpu=config.device == "cpu",
             mixed_precision="bf16" if config.dtype == "bf16" else "no",
@@ -184,6 +199,12 @@ class Run:
                 " decides); leave gradient_accumulation_steps out of the accelerate config and command line."
             )
         self._check_device()
+        self.folder_lock = self._claim_folder()
+        try:
+            self.latest = self._check_resumable()  # before any model loads: a mismatch is a config error
+        except BaseException:
+            self.release_folder()
+            raise
         set_seed(config.seed)
         self.policy: Policy | None = None
         self.objective: torch.nn.Module | None = None
@@ -215,23 +236,110 @@ class Run:
                               f"would run this process on {self.device}); install a torch build for {wanted}, or "
                               "set device = \"cpu\" or leave it unset.")
 
+    def _claim_folder(self) -> FolderLock | None:
+        """The main process checks, locks and marks output_dir (`claim_run_folder`) before anything else reads or
+        writes it; the others learn its verdict, so that every process refuses alike instead of waiting at a
+        barrier for a main process that has gone. Returns the lock (None on the other processes)."""
+        from accelerate.utils import broadcast_object_list
+
+        lock, problem = None, None
+        if self.is_main:
+            try:
+                lock = claim_run_folder(self.output, self.recipe)
+            except RunFolderError as error:
+                problem = str(error)
+        if self.num_processes > 1:
+            [problem] = broadcast_object_list([problem])
+        if problem is not None:
+            raise RunFolderError(problem)
+        return lock
+
+    def release_folder(self) -> None:
+        """Let another run write into output_dir (the end of the run; a killed run's lock goes with it)."""
+        if self.folder_lock is not None:
+            self.folder_lock.release()
+
+    def _checkpoint_folders(self) -> list[Path]:
+        """checkpoints/step-N by step (names sort wrongly past 6 digits)."""
+        found = self.checkpoints.iterdir() if self.checkpoints.is_dir() else ()
+        named = [(int(match[1]), path) for path in found if (match := CHECKPOINT_NAME.fullmatch(path.name))]
+        return [path for _, path in sorted(named)]
+
     def _check_resumable(self) -> Path | None:
-        folders = sorted(self.checkpoints.glob("step-*")) if self.checkpoints.is_dir() else []
-        folders = [folder for folder in folders if (folder / TRAINER_STATE).is_file()]
+        """The checkpoint a resume starts from: the newest whole one (a torn one is passed over with a warning),
+        of this recipe and config, at a step within `steps`; None for a new run."""
+        folders = self._checkpoint_folders()
         if not folders:
             return None
         if not self.config.resume:
             raise ConfigError(f"output_dir {self.output} already holds checkpoints of a run; set resume = true to "
                               "continue it, or choose another output_dir.")
-        saved = json.loads((folders[-1] / TRAINER_STATE).read_text(encoding="utf-8"))
-        current = json.loads(json.dumps(config_to_dict(self.config)))  # tuples as the saved lists
-        changed = sorted(key for key in set(saved["config"]) | set(current)
-                         if key not in RESUMABLE_CHANGES and saved["config"].get(key) != current.get(key))
+        corrupt: list[CorruptCheckpoint] = []
+        for folder in reversed(folders):
+            try:
+                saved = self._read_checkpoint(folder)
+            except CorruptCheckpoint as error:
+                corrupt.append(error)
+                continue
+            if self.is_main:
+                for error in corrupt:
+                    print(f"warning: {error}; resuming from the older {folder}", file=sys.stderr)
+            self._check_same_run(folder, saved)
+            self._metrics_lines(warn=False)  # corruption is refused now, before any model loads
+            return folder
+        raise ConfigError(f"every checkpoint in {self.checkpoints} is corrupt: {'; '.join(map(str, corrupt))}. Delete "
+                          f"{self.checkpoints} to start this run over, or choose another output_dir.")
+
+    def _read_checkpoint(self, folder: Path) -> dict:
+        """`folder`'s trainer state, once its engine state is known whole (CorruptCheckpoint otherwise: a torn file,
+        which an older checkpoint can stand in for) and free of code (ConfigError otherwise: refused)."""
+        path = folder / TRAINER_STATE
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            missing = [key for key in ("step", "order", "recipe", "config") if key not in saved]
+            if missing or not isinstance(saved["config"], dict):
+                raise KeyError(f"it lacks {missing or ['config']}")
+            saved["step"] = int(saved["step"])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise CorruptCheckpoint(f"checkpoint {folder} is corrupt: {path} is unreadable "
+                                    f"({type(error).__name__}: {error})") from error
+        check_complete(folder / ENGINE_STATE)
+        self._check_engine_state(folder, saved)
+        return saved
+
+    def _check_same_run(self, folder: Path, saved: dict) -> None:
+        """Refuse to resume `folder` under another recipe or config, or past the configured `steps` (its weights
+        would be exported as final/ of a shorter run)."""
+        changed = self._changed_keys(saved)
         if saved["recipe"] != self.recipe or changed:
             raise ConfigError(f"output_dir {self.output} holds a {saved['recipe']} run whose config differs in "
                               f"{changed or ['recipe']}; resume it with the same config or choose another output_dir.")
-        self._check_engine_state(folders[-1], saved)
-        return folders[-1]
+        step = int(saved["step"])
+        if step > self.config.steps:
+            raise ConfigError(f"config key 'steps' is {self.config.steps}, but checkpoint {folder} is at step {step}: "
+                              f"a resume would export step {step}'s weights as final/ of a {self.config.steps}-step "
+                              f"run. Set steps = {step} or more to finish or extend this run, or choose another "
+                              "output_dir.")
+
+    def _changed_keys(self, saved: dict) -> list[str]:
+        """Config keys that differ from the checkpoint's, paths compared as the folders they name (a relative and
+        an absolute spelling of one folder are the same; the saved ones resolved where the run started)."""
+        current = json.loads(json.dumps(config_to_dict(self.config)))  # tuples as the saved lists
+        resolved = saved.get("resolved_paths", {})
+
+        def same(key: str) -> bool:
+            old, new = saved["config"].get(key), current.get(key)
+            if old == new:
+                return True
+            return (isinstance(getattr(self.config, key, None), Path) and isinstance(old, str)
+                    and Path(resolved.get(key, old)).resolve() == Path(new).resolve())
+
+        return sorted(key for key in set(saved["config"]) | set(current) if key not in RESUMABLE_CHANGES
+                      and not same(key))
+
+    def _resolved_paths(self) -> dict[str, str]:
+        return {field: str(Path(value).resolve()) for field, value in vars(self.config).items()
+                if isinstance(value, Path)}
 
     def _check_engine_state(self, folder: Path, saved: dict) -> None:
         """Refuse, before any model loads, a checkpoint whose resume could run code: accelerate loads the states
@@ -323,8 +431,11 @@ class Run:
 
     def resume(self, order: RecordOrder) -> int:
         """Restore the newest checkpoint (engine state, data position) when there is one; returns its step."""
-        if self.is_main and self.checkpoints.is_dir():
-            for leftover in remove_leftovers(self.checkpoints) + remove_leftovers(self.output):
+        if self.is_main:
+            leftovers = remove_leftovers(self.output, LEFTOVERS_IN_OUTPUT)
+            if self.checkpoints.is_dir():
+                leftovers += remove_leftovers(self.checkpoints, LEFTOVERS_IN_CHECKPOINTS)
+            for leftover in leftovers:
                 print(f"removed {leftover.name}, left by an interrupted run")
         self.accelerator.wait_for_everyone()
         if self.latest is None:
@@ -344,11 +455,29 @@ class Run:
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop the lines an interrupted run logged after its last checkpoint, so every step is logged once."""
-        lines = self.metrics_path.read_text(encoding="utf-8").splitlines() if self.metrics_path.exists() else []
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        kept = [line for line_step, line in self._metrics_lines(warn=True) if line_step <= step]
         temporary = self.metrics_path.with_name(".metrics.jsonl.tmp")
         temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         temporary.replace(self.metrics_path)
+
+    def _metrics_lines(self, warn: bool) -> list[tuple[int, str]]:
+        """(step, line) of each line of metrics.jsonl. A last line that does not parse is one a crash tore while
+        writing it: dropped (with a warning if `warn`). Any other is refused: something else wrote into the file."""
+        lines = self.metrics_path.read_text(encoding="utf-8").splitlines() if self.metrics_path.exists() else []
+        numbered = [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
+        parsed = []
+        for number, line in numbered:
+            try:
+                parsed.append((int(json.loads(line)["step"]), line))
+            except (ValueError, KeyError, TypeError) as error:
+                if number != numbered[-1][0]:
+                    raise ConfigError(f"{self.metrics_path} line {number} is not a metrics line ({error}); only the "
+                                      "last line can be torn by a crash. Delete that line, or choose another "
+                                      "output_dir.") from error
+                if warn:
+                    print(f"warning: dropped the torn last line {number} of {self.metrics_path} (a crash while writing "
+                          "it)", file=sys.stderr)
+        return parsed
 
     # -- the step -----------------------------------------------------------------------------------------------
 
@@ -500,13 +629,13 @@ class Run:
             self.accelerator.save_state(str(folder / ENGINE_STATE))
             if self.is_main:
                 state = {"step": step, "order": order.state_dict(), "scheduler": self.scheduler.state_dict(),
-                         **self._record(step)}
+                         "resolved_paths": self._resolved_paths(), **self._record(step)}
                 (folder / TRAINER_STATE).write_text(json.dumps(state, indent=2, allow_nan=False) + "\n",
                                                     encoding="utf-8")
 
         folder = self._write(self.checkpoints / f"step-{step:06d}", step, fill_engine)
         if self.is_main:
-            for old in sorted(self.checkpoints.glob("step-*"))[: -self.config.keep_checkpoints]:
+            for old in self._checkpoint_folders()[: -self.config.keep_checkpoints]:
                 retire(old)
         return folder
 
@@ -522,4 +651,5 @@ class Run:
             plot_curves(self.metrics_path, self.output / "curves.png", curves)
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
+        self.release_folder()
         return final

@@ -16,6 +16,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from pickle import UnpicklingError
 from typing import Any
 
 import torch
@@ -69,12 +70,15 @@ class _KindSpec:
     image_features: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
     uses_text: bool
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Position embeddings for one image size only (ViT, CLIP); DINOv2 interpolates them, and its checkpoints pair
+    # image_size 518 with 224-pixel crops.
+    fixed_image_size: bool = True
 
 
 _KIND_SPECS = {
     # DINO checkpoints ship without a trained pooler; the score only uses the CLS token.
     "dino": _KindSpec("vit", "ViTModel", "ViTImageProcessor", _cls_token, False, {"add_pooling_layer": False}),
-    "dinov2": _KindSpec("dinov2", "Dinov2Model", "BitImageProcessor", _cls_token, False),
+    "dinov2": _KindSpec("dinov2", "Dinov2Model", "BitImageProcessor", _cls_token, False, fixed_image_size=False),
     "clip_i": _KindSpec("clip", "CLIPModel", "CLIPImageProcessor", _clip_image_features, False),
     "clip_t": _KindSpec("clip", "CLIPModel", "CLIPImageProcessor", _clip_image_features, True),
     "pickscore": _KindSpec("clip", "CLIPModel", "CLIPImageProcessor", _clip_image_features, True),
@@ -286,6 +290,29 @@ def _missing_files(folder: Path, spec: _KindSpec) -> list[str]:
     return missing
 
 
+def _processed_size(image_processor: Any) -> tuple[int, int] | None:
+    """(height, width) of the pixels the processor hands the model, when fixed (a crop, or a resize to both)."""
+    if getattr(image_processor, "do_center_crop", False) and getattr(image_processor, "crop_size", None):
+        size = image_processor.crop_size
+    else:
+        size = image_processor.size
+    height, width = size.get("height"), size.get("width")
+    return (height, width) if height and width else None
+
+
+def _check_processor_fits(folder: Path, spec: _KindSpec, image_processor: Any, config: Any) -> None:
+    """Refuse a preprocessor made for another resolution than the model's, which would fail at scoring time."""
+    if not spec.fixed_image_size:
+        return
+    expected = getattr(config, "vision_config", config).image_size
+    found = _processed_size(image_processor)
+    if found is not None and found != (expected, expected):
+        raise ModelFolderError(
+            f"{folder / _IMAGE_PROCESSOR_FILE} gives the model {found[0]}x{found[1]} images, but config.json's "
+            f"vision model takes {expected}x{expected}; the preprocessor belongs to another model."
+        )
+
+
 def load_reward_model(
     kind: str,
     folder: str | os.PathLike,
@@ -294,14 +321,16 @@ def load_reward_model(
 ) -> RewardModel:
     """Load a reward of `kind` from a local folder, checking it is that architecture before reading weights.
 
-    Only local files are read, remote code is never trusted, and weights come through transformers' safe loaders;
-    weights that do not fit the architecture (a tensor missing, which would be random) are refused.
+    Only local files are read, remote code is never trusted, and weights come through transformers' safe loaders
+    (a `.bin` only as plain tensors); weights that do not fit the architecture (a tensor missing, which would be
+    random) or that hold NaN or inf are refused.
     """
-    from ..loading import check_load_report
+    from ..loading import check_finite, check_load_report, pickle_error, refused_pickle, resolve_device
 
     if kind not in _KIND_SPECS:
         raise InputError(f"Unknown reward kind {kind!r}; expected one of {', '.join(REWARD_KINDS)}.")
     spec = _KIND_SPECS[kind]
+    device = resolve_device(device)  # the check the Janus loader makes: `score --device cuda` without CUDA
     folder = resolve_embedded(folder)
     model_type = _read_config(folder).get("model_type")
     if model_type != spec.model_type:
@@ -316,25 +345,34 @@ def load_reward_model(
             f"Reward model folder {folder} is incomplete for {kind}; missing: {', '.join(missing)}.{hint}"
         )
 
+    model_class = getattr(transformers, spec.model_class)
     try:
         image_processor = _image_processor_class(spec.image_processor_class).from_pretrained(
             folder, local_files_only=True
         )
-        model, report = getattr(transformers, spec.model_class).from_pretrained(
-            folder, local_files_only=True, output_loading_info=True, **spec.model_kwargs
+        config = model_class.config_class.from_pretrained(folder, local_files_only=True)
+        _check_processor_fits(folder, spec, image_processor, config)
+        model, report = model_class.from_pretrained(
+            folder, config=config, local_files_only=True, output_loading_info=True, **spec.model_kwargs
         )
         tokenizer = (
             transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
             if spec.uses_text
             else None
         )
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
+    except (UnpicklingError, OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
+        refused = refused_pickle(error)
+        if refused is not None:
+            raise pickle_error(sorted(folder.glob("pytorch_model*.bin")), refused, "model.safetensors") from error
         raise ModelFolderError(f"Cannot load the {kind} reward model from {folder}: {error}") from error
     check_load_report(folder, report)
 
-    device = torch.device(device)
     if spec.uses_text:
-        return TextAlignmentReward(
+        reward = TextAlignmentReward(
             kind, model, image_processor, tokenizer, device, dtype, use_logit_scale=kind == "pickscore"
         )
-    return ImageSimilarityReward(kind, model, image_processor, spec.image_features, device, dtype)
+    else:
+        reward = ImageSimilarityReward(kind, model, image_processor, spec.image_features, device, dtype)
+    # In the reward's dtype and on its device: a weight beyond fp16's range turns inf only there.
+    check_finite(folder, [*reward.model.named_parameters(), *reward.model.named_buffers()], dtype)
+    return reward

@@ -108,9 +108,11 @@ def test_new_user_flow(tmp_path, monkeypatch, capsys):
             assert PNG_TEXT_KEY in image.text
     assert not np.array_equal(pixels(out / "mmr1_seed1.png"), pixels(out / "mmr1_seed2.png"))
 
-    # the same command again (in another process than the first run) writes the same bytes
+    # the same command again (in another process than the first run) is refused: OUT holds the first run; with
+    # --overwrite it writes the same bytes
     monkeypatch.chdir(tmp_path)
-    code, _, err = run(command, capsys)
+    _expect_error(command, capsys, "OUT", "earlier run", "--overwrite")
+    code, _, err = run([*command, "--overwrite"], capsys)
     assert code == 0, err
     assert {path.name: path.read_bytes() for path in pngs(out)} == first
     assert json.loads((out / "mmr1_generation.json").read_text(encoding="utf-8")) == record

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +13,9 @@ from PIL import Image
 from mmr1.errors import InputError
 from mmr1.images import (
     BACKGROUND_GREY,
+    MAX_IMAGE_PIXELS,
+    MAX_IMAGE_SIDE,
+    bounded_size,
     crop_to_mask,
     image_batch_to_pils,
     letterbox,
@@ -58,6 +64,94 @@ def test_open_image_names_a_file_that_is_no_image(tmp_path):
     (tmp_path / "notes.png").write_text("not an image")
     with pytest.raises(InputError, match="Cannot read reference image .*notes.png"):
         open_image(tmp_path / "notes.png", "reference image")
+
+
+def _png_header_only(path, width: int, height: int) -> None:
+    """A PNG of a few dozen bytes whose IHDR declares width x height RGB pixels: the shape of a decompression bomb
+    (its pixel data is one compressed row, so only the declared size is huge)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("width, height", [(30000, 30000), (12001, 12000)])
+def test_open_image_refuses_a_declared_size_over_the_limit(tmp_path, width, height):
+    """Over PIL's own bomb limit (30000x30000) and just over ours (between PIL's warning and error thresholds):
+    both an InputError naming the file, before any pixel is decoded."""
+    _png_header_only(tmp_path / "bomb.png", width, height)
+    with pytest.raises(InputError, match=r"Cannot read reference image .*bomb\.png: .*(decompression bomb)"):
+        open_image(tmp_path / "bomb.png", "reference image")
+
+
+def test_open_image_keeps_its_limit_when_pil_limit_is_switched_off(tmp_path, monkeypatch):
+    """Other node packs set Image.MAX_IMAGE_PIXELS = None; our limit is our own."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    _png_header_only(tmp_path / "bomb.png", 30000, 30000)
+    with pytest.raises(InputError, match=r"declares 30000x30000 pixels \(900 MP\), over the limit of 144 MP"):
+        open_image(tmp_path / "bomb.png")
+    assert MAX_IMAGE_PIXELS >= 108_000_000  # a 108 MP phone photo is no bomb
+
+
+def _large_photo(width: int = 4000, height: int = 3000) -> Image.Image:
+    """A smooth RGB picture (cheap to compress) with a mark in its top-left corner."""
+    x = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
+    y = np.linspace(0, 255, height, dtype=np.float32)[:, None, None]
+    array = np.concatenate([np.broadcast_to(x, (height, width, 1)), np.broadcast_to(y, (height, width, 1)),
+                            np.full((height, width, 1), 90, np.float32)], axis=2).astype(np.uint8)
+    array[: height // 10, : width // 10] = (250, 250, 0)
+    return Image.fromarray(array)
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_open_image_downscales_a_large_image_keeping_its_aspect(tmp_path, suffix, monkeypatch):
+    """A 4000x3000 image comes back 2048x1536, aspect kept; an 8000x6000 JPEG is decoded at half scale (JPEG's
+    draft mode) rather than whole, then brought to the same bound."""
+    _large_photo().save(tmp_path / f"big{suffix}")
+    image = open_image(tmp_path / f"big{suffix}")
+    assert max(image.size) == MAX_IMAGE_SIDE and image.size == (2048, 1536)
+    assert rgb(to_rgb(image))[5, 5].tolist() == pytest.approx([250, 250, 0], abs=6)  # the corner mark, not resampled away
+
+    if suffix == ".jpg":
+        from PIL import JpegImagePlugin
+
+        decoded = []
+        load = JpegImagePlugin.JpegImageFile.load
+        monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "load", lambda self: (decoded.append(self.size), load(self))[1])
+        _large_photo(8000, 6000).save(tmp_path / "huge.jpg", quality=80)
+        assert open_image(tmp_path / "huge.jpg").size == (2048, 1536)
+        assert max(decoded[0]) <= 4000  # decoded at 1/2 scale
+
+
+def test_a_turned_large_photo_and_its_mask_come_back_the_same_size(tmp_path):
+    """The mask is drawn on the displayed (turned) photo; both are downscaled to the same size, so crop_to_mask
+    still fits one to the other."""
+    save_rotated_photo(tmp_path / "turned.jpg", _large_photo(3000, 4000))
+    mask = Image.new("L", (3000, 4000), 0)
+    mask.paste(255, (1000, 1000, 2000, 3000))
+    mask.save(tmp_path / "mask.png")
+    photo, loaded = open_image(tmp_path / "turned.jpg"), open_image(tmp_path / "mask.png")
+    assert photo.size == loaded.size == (1536, 2048)
+    assert rgb(to_rgb(photo))[5, 5].tolist() == pytest.approx([250, 250, 0], abs=8)  # turned as displayed
+    assert crop_to_mask(to_rgb(photo), mask_to_array(loaded)).size == pytest.approx((512 + 2 * 122, 1024 + 2 * 163), abs=3)
+
+
+def test_bounded_size_is_symmetric_and_keeps_small_images():
+    assert bounded_size(4000, 3000) == (2048, 1536) and bounded_size(3000, 4000) == (1536, 2048)
+    assert bounded_size(2048, 10) == (2048, 10) and bounded_size(100000, 1) == (2048, 1)
+
+
+@pytest.mark.parametrize("cut", ["truncated", "garbage"])
+def test_open_image_names_a_corrupt_file(tmp_path, cut):
+    subject = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    subject.save(tmp_path / "photo.png")
+    data = (tmp_path / "photo.png").read_bytes()
+    broken = data[: len(data) // 2] if cut == "truncated" else data[:60] + bytes(len(data) - 60)
+    (tmp_path / "photo.png").write_bytes(broken)
+    with pytest.raises(InputError, match=r"Cannot read mask .*photo\.png: "):
+        open_image(tmp_path / "photo.png", "mask")
 
 
 # ---------------------------------------------------------------------------------------------------- to_rgb

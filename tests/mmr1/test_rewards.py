@@ -419,3 +419,94 @@ def test_bad_image_and_batch_size(rewards, images, references):
         rewards["dino"].score([images[0], np.zeros((8, 8, 3))], references=references)
     with pytest.raises(InputError, match="batch_size"):
         rewards["dino"].score(images, references=references, batch_size=0)
+
+
+# --- issue 16: pickles, devices, processor sizes and non-finite weights --------------------------------------
+
+
+class _Exploit:
+    ran = False
+
+    def __reduce__(self):
+        return (_Exploit.mark, ())
+
+    @staticmethod
+    def mark():
+        _Exploit.ran = True
+
+
+def test_pickle_holding_more_than_tensors_is_refused_with_a_way_out(folders, tmp_path):
+    """transformers' UnpicklingError escaped as is, relaying torch's advice to retry with weights_only=False."""
+    folder = _broken_copy(folders["dino"], tmp_path / "dino", "model.safetensors")
+    torch.save({"weights": object.__new__(_Exploit)}, folder / "pytorch_model.bin")
+    with pytest.raises(ModelFolderError) as error:
+        load_reward_model("dino", folder)
+    message = str(error.value)
+    assert str(folder / "pytorch_model.bin") in message and "Convert the weights to safetensors" in message
+    assert "weights_only" not in message and "\n" not in message and not _Exploit.ran
+
+
+def test_plain_pickle_still_loads(folders, tmp_path, images):
+    from safetensors.torch import load_file
+
+    folder = _broken_copy(folders["dino"], tmp_path / "dino")
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    assert load_reward_model("dino", folder).score(images[:1], references=images[:1]).shape == (1,)
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [("meta", "Device meta holds shapes but no weights"), ("cuda", "this torch sees no CUDA GPU"),
+     ("bogus", "Unknown device 'bogus'")],
+)
+def test_unusable_device_is_refused_before_loading(folders, monkeypatch, device, message):
+    """The Janus loader's device check: `score --device cuda` without CUDA was torch's RuntimeError after loading."""
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.setattr(transformers.ViTModel, "from_pretrained", _refuse_connection)
+    with pytest.raises(InputError, match=message):
+        load_reward_model("dino", folders["dino"], device=device)
+
+
+def _resize_processor(folder: Path, **sizes) -> None:
+    import json
+
+    config = json.loads((folder / "preprocessor_config.json").read_text())
+    config.update(sizes)
+    (folder / "preprocessor_config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    "kind, sizes",
+    [("dino", {"size": {"height": 64, "width": 64}}), ("clip_i", {"crop_size": {"height": 64, "width": 64}})],
+)
+def test_preprocessor_for_another_image_size_is_refused(folders, tmp_path, kind, sizes):
+    """It failed at the first score as transformers' ValueError 'Input image size (64*64) doesn't match model'."""
+    folder = _broken_copy(folders[kind], tmp_path / kind)
+    _resize_processor(folder, **sizes)
+    message = f"{re.escape(str(folder / 'preprocessor_config.json'))} gives the model 64x64 images, but .* takes 32x32"
+    with pytest.raises(ModelFolderError, match=message):
+        load_reward_model(kind, folder)
+
+
+def test_dinov2_preprocessor_may_crop_another_size(folders, tmp_path, images):
+    """DINOv2 interpolates its position embeddings (real checkpoints: image_size 518, 224-pixel crops)."""
+    folder = _broken_copy(folders["dinov2"], tmp_path / "dinov2")
+    _resize_processor(folder, crop_size={"height": 64, "width": 64}, size={"shortest_edge": 64})
+    assert load_reward_model("dinov2", folder).score(images[:1], references=images[:1]).shape == (1,)
+
+
+@pytest.mark.parametrize("kind, value", [("dino", float("nan")), ("clip_t", float("inf"))])
+def test_non_finite_weights_are_refused_naming_the_tensor(folders, tmp_path, kind, value):
+    """They loaded and scored NaN (or inf), which GRPO's advantages then spread over the whole group."""
+    from safetensors.torch import load_file, save_file
+
+    folder = _broken_copy(folders[kind], tmp_path / kind)
+    weights = load_file(folder / "model.safetensors")
+    name = sorted(weights)[len(weights) // 3]
+    weights[name].view(-1)[0] = value
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    leaf = name.rsplit(".", 1)[1]  # the model's name for it: transformers 5 renames the file's
+    with pytest.raises(ModelFolderError, match=f"{re.escape(str(folder))} hold NaN or infinite values, in [^,]+\\.{leaf}\\.$"):
+        load_reward_model(kind, folder)

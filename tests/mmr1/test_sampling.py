@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmr1.errors import GenerationCancelled, InputError
+from mmr1.errors import GenerationCancelled, InputError, MMR1Error
 from mmr1.generation import generation_sequence
 from mmr1.model import head_logits
 from mmr1.prompting import batch_prefix, embed_sequence
@@ -252,3 +252,44 @@ def test_heads_give_fp32_logits_under_bf16_autocast_over_fp32_weights(tiny_model
     torch.testing.assert_close(text, tiny_model.text_logits(hidden))
     bf16_head = torch.nn.Linear(hidden.shape[1], 5).to(torch.bfloat16)
     assert head_logits(bf16_head, hidden).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("settings", SETTINGS, ids=["default", "no-cfg", "truncated"])
+def test_non_finite_logits_are_refused_naming_the_token(tiny_model, settings, bad):
+    """A NaN or inf logit (a broken checkpoint, an fp16 overflow) drew tokens from a NaN distribution without a
+    word; now the run fails naming the first token and row, whichever half of the guided batch broke."""
+    mm = tiny_model
+    calls = {"head": 0}
+
+    def head(hidden):
+        calls["head"] += 1
+        logits = mm.image_logits(hidden)
+        if calls["head"] == 4:  # the prefill, then steps: the 4th token's logits
+            logits[-1, 7] = bad  # the last row: row 1's unconditional twin when guided
+        return logits
+
+    conditional, unconditional = prefixes(mm, rows=2)
+    with pytest.raises(MMR1Error, match=r"^The model's logits were NaN or infinite at token 4 of 10 \(row 1\)"):
+        sample_tokens(mm, conditional, Modality(head, mm.embed_image_tokens), 10, settings, 0,
+                      unconditional=unconditional)
+
+
+def test_non_finite_logits_after_a_row_stopped_are_ignored(tiny_model):
+    """A finished row only steps on pad tokens: its logits are never sampled, so they may be anything."""
+    mm = tiny_model
+    calls = {"head": 0}
+
+    def head(hidden):
+        calls["head"] += 1
+        logits = torch.full((hidden.shape[0], mm.model.config.text_config.vocab_size), -30.0)
+        logits[:, 100] = 0.0
+        logits[0, mm.tokens.eos] = 30.0  # row 0 stops at once
+        if calls["head"] >= 2:
+            logits[0] = float("nan")
+        logits[1, mm.tokens.eos] = 30.0 if calls["head"] >= 4 else -30.0
+        return logits
+
+    sampled = sample_tokens(mm, prefixes(mm, rows=2)[0], Modality(head, mm.embed_text), 8,
+                            SamplingSettings(cfg_scale=1.0), 0, stop_tokens=(mm.tokens.eos,), pad_token=mm.tokens.pad)
+    assert sampled.lengths.tolist() == [1, 4]

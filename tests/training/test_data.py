@@ -137,6 +137,75 @@ def test_missing_files_are_listed(dataset: Path) -> None:
     assert f"line 2: {dataset / 'subj' / 'gone.jpg'}" in str(raised.value)
 
 
+def _corrupt(path: Path) -> Path:
+    """Keep the first half of an image file: it still opens (the header is whole) but cannot decode."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def test_images_that_do_not_decode_are_all_listed_by_line_at_start(dataset: Path) -> None:
+    """Each image is decoded when the file is read, not when its record is first drawn: a truncated photo (its
+    header intact, so opening alone passes), a text file named .png, and a mask of the wrong size, all at once."""
+    big = _save(dataset / "subj" / "big.png", Image.fromarray(
+        np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)))
+    _corrupt(big)
+    (dataset / "subj" / "notes.png").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    _save(dataset / "subj" / "small_mask.png", Image.new("L", (8, 8), 255))
+    path = _lines(dataset / "data.jsonl", _line(id="a"), _line(id="b", target="subj/big.png"),
+                  _line(id="c", references=["subj/00.jpg", "subj/notes.png"], target="subj/big.png"),
+                  _line(id="d", masks=["subj/small_mask.png", None]))
+    with pytest.raises(InputError, match="3 images cannot be used") as raised:
+        read_records(path)
+    message = str(raised.value)
+    assert message.startswith(f"{path}: ")
+    assert f"line 2 (and 1 more lines): Cannot read image {big}: image file is truncated" in message
+    assert f"line 3: Cannot read image {dataset / 'subj' / 'notes.png'}: cannot identify image file" in message
+    assert (f"line 4: mask 1 {dataset / 'subj' / 'small_mask.png'} is 8x8 but its reference "
+            f"{dataset / 'subj' / '00.jpg'} is 48x40") in message
+
+
+def test_each_image_is_decoded_once_however_many_records_share_it(dataset: Path, monkeypatch) -> None:
+    import training.data
+
+    opened: list[Path] = []
+    real = training.data.open_image
+    monkeypatch.setattr(training.data, "open_image", lambda file, *rest: (opened.append(file), real(file, *rest))[1])
+    read_records(_lines(dataset / "data.jsonl", *(_line(id=f"r{index}") for index in range(30))))
+    assert sorted(opened) == sorted(set(_line_files(dataset))) and len(opened) == 5
+
+
+def _line_files(dataset: Path) -> list[Path]:
+    line = _line()
+    return [dataset / name for name in (*line["references"], line["masks"][0], line["target"], line["subject_image"])]
+
+
+def _outside_cases(dataset: Path, elsewhere: Path) -> dict[str, str]:
+    """Ways out of the dataset's folder, each as the path a line gives: absolute, ../, a symlink pointing out."""
+    _save(elsewhere / "far.jpg", subject_image())
+    (dataset / "subj" / "link.jpg").symlink_to(elsewhere / "far.jpg")
+    (dataset / "lists").mkdir()
+    return {"absolute": str(elsewhere / "far.jpg"), "escape": f"../{elsewhere.name}/far.jpg", "symlink": "subj/link.jpg"}
+
+
+@pytest.mark.parametrize("case", ["absolute", "escape", "symlink"])
+def test_paths_outside_the_folder_are_refused_unless_allowed(dataset: Path, case: str) -> None:
+    elsewhere = dataset.parent / f"{dataset.name}-elsewhere"
+    given = _outside_cases(dataset, elsewhere)[case]
+    path = _lines(dataset / "data.jsonl", _line(id="a"), _line(id="b", target=given))
+    with pytest.raises(InputError, match=r"1 image paths lie outside the dataset's folder") as raised:
+        read_records(path, allow_outside=False)
+    assert f"line 2: {dataset / given if case == 'symlink' else elsewhere / 'far.jpg'}" in str(raised.value)
+    if case == "symlink":
+        assert f"(-> {elsewhere.resolve() / 'far.jpg'})" in str(raised.value)
+    assert read_records(path)[1].target.name in ("far.jpg", "link.jpg")  # training reads them (write_records writes them)
+
+
+def test_a_symlink_inside_the_folder_is_inside(dataset: Path) -> None:
+    (dataset / "subj" / "same.jpg").symlink_to(dataset / "subj" / "03.jpg")
+    assert read_records(_lines(dataset / "data.jsonl", _line(target="subj/same.jpg")), allow_outside=False)
+
+
 def test_require_lists_the_lines_lacking_a_key(dataset: Path) -> None:
     path = _lines(dataset / "data.jsonl", _line(id="a"), _line(id="b", target=...), _line(id="c", target=None))
     assert len(read_records(path, require=("reasoning",))) == 3
@@ -191,3 +260,25 @@ def test_cli_runs_as_a_module_and_reports_errors(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert done.stderr.startswith("error:") and "unknown key 'targte'" in done.stderr and "line 1" in done.stderr
+
+
+def _check(*arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "training.data", "check", *arguments],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_cli_check_refuses_etc_passwd_and_corrupt_images(dataset: Path) -> None:
+    """/etc/passwd is outside the folder (refused without --allow-outside) and no image (refused with it)."""
+    path = _lines(dataset / "data.jsonl", _line(id="a"), _line(id="b", target="/etc/passwd"))
+    refused = _check(str(path))
+    assert refused.returncode == 2 and "lie outside the dataset's folder" in refused.stderr
+    assert "line 2: /etc/passwd" in refused.stderr
+    allowed = _check(str(path), "--allow-outside")
+    assert allowed.returncode == 2 and "line 2: Cannot read image /etc/passwd" in allowed.stderr
+
+    _lines(path, _line(id="a"), _line(id="b"))
+    passed = _check(str(path), "--require", "target,reasoning")
+    assert passed.returncode == 0, passed.stderr
+    assert passed.stdout.strip().endswith("all 5 images decode")
