@@ -119,7 +119,8 @@ def build_vq_config(spec: TinySpec):
     from transformers.models.janus.configuration_janus import JanusVQVAEConfig
 
     if (spec.image_size // spec.patch_size) * 2 ** (len(spec.vq_channel_multiplier) - 1) != spec.image_size:
-        raise InputError("The VQ downsampling must map image_size onto the vision patch grid.")
+        raise InputError("The VQ downsampling must map image_size onto the vision patch grid (transformers' "
+                         "JanusConfig sets the generated token grid to image_size / patch_size).")
     return JanusVQVAEConfig(
         embed_dim=spec.vq_embed_dim,
         num_embeddings=spec.vq_codebook_size,

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from mmr1.embedded import ASSETS_DIR
 from mmr1.embedded import MODEL_NAME as EMBEDDED_MODEL_NAME
 from mmr1.embedded import REWARD_NAME as EMBEDDED_REWARD_NAME
 from training.world.scenes import IMAGE_SIZE as WORLD_IMAGE_SIZE
@@ -31,6 +32,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKFLOW_MODEL_NAME = EMBEDDED_MODEL_NAME  # what the shipped workflows load: the model inside the pack (mmr1/assets)
 WORKFLOW_REWARDS = {(EMBEDDED_REWARD_NAME, "clip_i"), (EMBEDDED_REWARD_NAME, "clip_t")}  # the pack's own reward model
 WORKFLOW_IMAGE_SIZE = WORLD_IMAGE_SIZE  # the embedded model draws the world's scene size
+# tokens per image the embedded model draws: its VQ's token grid, squared
+_EMBEDDED_CONFIG = json.loads((ASSETS_DIR / EMBEDDED_MODEL_NAME / "config.json").read_text(encoding="utf-8"))
+WORKFLOW_IMAGE_TOKENS = _EMBEDDED_CONFIG["vq_config"]["num_patches"] ** 2
 MODEL_NAME = "mmr1-tiny"  # a random tiny checkpoint the server builds: error cases, training output
 SLOW_MODEL_NAME = "mmr1-tiny-256"  # 256 tokens per image: long enough to interrupt mid-generation
 CORRUPT_MODEL_NAME = "broken/corrupt-weights"

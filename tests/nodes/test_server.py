@@ -24,6 +24,7 @@ from tests.nodes.comfy_server import (
     TRAINED_MODEL_NAMES,
     WEIGHTLESS_MODEL_NAME,
     WORKFLOW_IMAGE_SIZE,
+    WORKFLOW_IMAGE_TOKENS,
     WORKFLOW_MODEL_NAME,
     load_workflow,
 )
@@ -221,8 +222,8 @@ def test_progress_arrives_per_token_over_the_websocket(comfy):
         prompt_id = comfy.queue(workflow, listener.client_id)
         assert listener.finished(prompt_id)["type"] == "execution_success"
         progress = [m["data"] for m in listener.messages if m["type"] == "progress" and m["data"]["node"] == "4"]
-        assert [p["value"] for p in progress] == list(range(1, 65))
-        assert {p["max"] for p in progress} == {64}
+        assert [p["value"] for p in progress] == list(range(1, WORKFLOW_IMAGE_TOKENS + 1))
+        assert {p["max"] for p in progress} == {WORKFLOW_IMAGE_TOKENS}
         assert listener.previews >= 1
         grounding = [m["data"] for m in listener.messages if m["type"] == "progress" and m["data"]["node"] == "3"]
         assert grounding and grounding[0]["value"] == 1

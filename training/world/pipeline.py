@@ -52,17 +52,17 @@ WORLD_SPEC = TinySpec(
     intermediate_size=512,
     num_layers=4,
     num_heads=6,
-    max_positions=640,
+    max_positions=1280,  # two references (256 slots each), the subject and the image (256 tokens each), text
     tokenizer_vocab_size=768,
     vision_hidden_size=96,
     vision_layers=3,
     vision_heads=4,
     image_size=64,
-    patch_size=8,
-    vq_codebook_size=512,
+    patch_size=4,  # transformers ties the VQ's token grid to the vision patch grid: 16x16 tokens of 4x4 pixels
+    vq_codebook_size=1024,
     vq_embed_dim=8,
     vq_base_channels=32,
-    vq_channel_multiplier=(1, 2, 2, 2),
+    vq_channel_multiplier=(1, 2, 2),
     vq_latent_channels=32,
     initializer_range=0.02,
 )
@@ -74,14 +74,13 @@ class PipelineConfig:
     output_dir: Path = knob(Path("runs/world"), "every stage's output goes under this folder")
     seed: int = knob(0, "seed of every stage")
     scenes: int = knob(6000, "rendered training scenes for the VQ, encoder, judge and reward model")
-    vq_steps: int = knob(2000, "VQ tokenizer steps (batches of 16)")
-    vq_full_steps: int = knob(300, "of which the last ones see whole images instead of 32x32 crops")
-    vq_learning_rate: float = knob(2e-3, "VQ tokenizer peak learning rate")
+    vq_steps: int = knob(6000, "VQ tokenizer steps (batches of 16)")
+    vq_full_steps: int = knob(600, "of which the last ones see whole images instead of 32x32 crops")
+    vq_learning_rate: float = knob(1e-3, "VQ tokenizer peak learning rate")
     vq_base_channels: int = knob(WORLD_SPEC.vq_base_channels, "VQ channels at full resolution before the multipliers "
-                                 "(a multiple of 32: transformers' VQ normalises in 32 groups, so each group "
-                                 "holds channels / 32 of them; one channel per group erases flat colour)")
+                                 "(a multiple of 32: transformers' VQ normalises in 32 groups)")
     vq_channel_multiplier: tuple[int, ...] = knob(WORLD_SPEC.vq_channel_multiplier, "VQ channel multiplier per "
-                                                  "level (4 levels: 64x64 images to the 8x8 token grid)")
+                                                  "level (3 levels: 64x64 images to the 16x16 token grid)")
     vq_codebook_size: int = knob(WORLD_SPEC.vq_codebook_size, "VQ codebook entries (image vocabulary)")
     understanding_steps: int = knob(2000, "understanding encoder steps (batches of 64)")
     judge_steps: int = knob(800, "judge steps (batches of 64)")
@@ -107,7 +106,7 @@ class PipelineConfig:
             raise ValueError("config key 'vq_base_channels' must be a positive multiple of 32")
         if len(self.vq_channel_multiplier) != len(WORLD_SPEC.vq_channel_multiplier) or min(self.vq_channel_multiplier) < 1:
             raise ValueError(f"config key 'vq_channel_multiplier' needs {len(WORLD_SPEC.vq_channel_multiplier)} "
-                             "positive levels (the token grid is 8x8 for 64x64 images)")
+                             "positive levels (the token grid is 16x16 for 64x64 images, the vision patch grid)")
         if self.vq_codebook_size < 2:
             raise ValueError("config key 'vq_codebook_size' must be at least 2")
 
@@ -192,11 +191,12 @@ class Pipeline:
         from safetensors.torch import save_file
 
         from .understanding import train_understanding_encoder
-        from .vq import reconstruction_error, train_vq
+        from .vq import reconstruction_error, train_vq, training_images
 
         folder.mkdir(parents=True, exist_ok=True)
         held_out = labelled_scenes(256, self.config.seed + 1, "heldout")
-        vq, vq_losses = train_vq(self.config.spec, self.scenes.images, self.config.vq_steps, self.config.vq_full_steps,
+        images = training_images(self.scenes.images, subject_renders(TRAIN_SUBJECTS)[0], self.config.seed)
+        vq, vq_losses = train_vq(self.config.spec, images, self.config.vq_steps, self.config.vq_full_steps,
                                  batch_size=16, learning_rate=self.config.vq_learning_rate, seed=self.config.seed)
         save_file({k: v.contiguous() for k, v in vq.state_dict().items()}, str(folder / "vq.safetensors"))
         encoder, encoder_losses = train_understanding_encoder(

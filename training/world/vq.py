@@ -6,11 +6,14 @@ while are restarted on random latents. At the end the codebook is stored normali
 `encode` (which skips the normalisation) picks the same codes as `mmr1.model.encode_image_tokens`.
 
 Most steps see 32x32 crops aligned to the token grid (the network is convolutional; a crop costs a quarter),
-the last `full_steps` whole images, so the attention and norms also settle at the real size.
+the last `full_steps` whole images, so the attention and norms also settle at the real size. The images are
+the world's scenes, its subjects alone (what the model draws as the visual intermediate) and flat colour fields
+(`training_images`): without them a flat colour is outside the VQ's data and decodes as some background.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -19,6 +22,20 @@ from mmr1.tiny import TinySpec, build_vq_config
 from .fit import batch_indices, fit, to_pixels
 
 _RESTART_EVERY = 50
+FLAT_FIELDS = 400  # half in the world's colours, half random
+
+
+def training_images(scenes: np.ndarray, subjects_alone: np.ndarray, seed: int) -> np.ndarray:
+    """uint8 [N, S, S, 3]: the scenes, the subjects alone and flat colour fields, the VQ's training images."""
+    from .scenes import COLOURS
+
+    rng = np.random.default_rng(seed)
+    world = np.asarray(list(COLOURS.values()), np.uint8)
+    colours = np.concatenate([world[np.arange(FLAT_FIELDS // 2) % len(world)],
+                              rng.integers(0, 256, (FLAT_FIELDS - FLAT_FIELDS // 2, 3), dtype=np.uint8)])
+    size = scenes.shape[1]
+    flat = np.broadcast_to(colours[:, None, None, :], (len(colours), size, size, 3))
+    return np.concatenate([scenes, subjects_alone, flat])
 
 
 def quantize(vq, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -26,6 +26,22 @@ def test_fit_lowers_a_loss_with_warmup_and_cosine_decay():
     assert len(losses) == 60 and losses[-1] < 0.05 * losses[0]
 
 
+def test_vq_training_images_hold_the_scenes_the_subjects_alone_and_every_flat_world_colour(scenes):
+    """A flat colour outside the VQ's data decodes as some background (159/255 off): the data hold them."""
+    from training.world.scenes import COLOURS, TRAIN_SUBJECTS, subject_renders
+    from training.world.vq import FLAT_FIELDS, training_images
+
+    alone = subject_renders(TRAIN_SUBJECTS[:5])[0]
+    images = training_images(scenes.images[:10], alone, seed=0)
+    assert images.shape == (10 + 5 + FLAT_FIELDS, 64, 64, 3) and images.dtype == np.uint8
+    assert (images[:10] == scenes.images[:10]).all() and (images[10:15] == alone).all()
+    flat = images[15:]
+    assert (flat == flat[:, :1, :1]).all()  # each field one colour
+    colours = {tuple(field[0, 0]) for field in flat}
+    assert {tuple(colour) for colour in COLOURS.values()} <= colours and len(colours) > len(COLOURS) + 100
+    assert (training_images(scenes.images[:10], alone, seed=0) == images).all()
+
+
 def test_vq_training_reconstructs_better_and_transformers_encode_agrees_with_mmr1(scenes):
     from training.world.vq import reconstruct, reconstruction_error, train_vq
 

@@ -69,7 +69,7 @@ def test_install_copies_model_reward_and_judge_which_load(finished_run, tmp_path
     _, out = finished_run
     target = install(out, tmp_path / "assets")
     mm = load_model(target / "mmr1-world")
-    assert mm.image_size == 64 and mm.num_image_tokens == 64
+    assert mm.image_size == 64 and mm.num_image_tokens == 256
     assert load_reward_model("clip_i", target / "mmr1-world-clip") is not None
     assert load_judge(target / "mmr1-world-judge") is not None
     with pytest.raises(ConfigError, match="missing"):
@@ -88,12 +88,12 @@ def test_bad_pipeline_values_name_the_key():
     with pytest.raises(ConfigError, match="vq_full_steps"):
         build_config(PipelineConfig, {"vq_steps": 10, "vq_full_steps": 11})
     for values, key in (({"vq_base_channels": 48}, "vq_base_channels"),
-                        ({"vq_channel_multiplier": [1, 2, 2]}, "vq_channel_multiplier")):
+                        ({"vq_channel_multiplier": [1, 2, 2, 2]}, "vq_channel_multiplier")):
         with pytest.raises(ConfigError, match=key):
             build_config(PipelineConfig, values)
-    wide = build_config(PipelineConfig, {"vq_base_channels": 64, "vq_channel_multiplier": [2, 2, 2, 4],
+    wide = build_config(PipelineConfig, {"vq_base_channels": 64, "vq_channel_multiplier": [2, 2, 4],
                                          "vq_codebook_size": 2048}).spec
-    assert (wide.vq_base_channels, wide.vq_channel_multiplier, wide.vq_codebook_size) == (64, (2, 2, 2, 4), 2048)
+    assert (wide.vq_base_channels, wide.vq_channel_multiplier, wide.vq_codebook_size) == (64, (2, 2, 4), 2048)
 
 
 def test_recipes_come_from_the_package_whatever_the_working_directory(tmp_path, monkeypatch):
