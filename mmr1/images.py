@@ -83,14 +83,22 @@ def open_image(path: str | Path, what: str = "image") -> Image.Image:
         raise InputError(f"Cannot read {what} {path}: {error}") from error
 
 
+_HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
+
+
+def _unit_values(image: Image.Image) -> np.ndarray:
+    """A 16/32-bit or float image's values over its full scale (converting to 8 bits would clip them instead)."""
+    values = np.asarray(image, dtype=np.float64)
+    return values / (_PEAKS.get(image.mode) or (65535.0 if values.max(initial=0) > 255 else 255.0))
+
+
 def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
     """Any PIL mode as 8-bit RGB: alpha composited on grey, 16/32-bit and float scaled, palettes expanded."""
     if image.width == 0 or image.height == 0:
         raise InputError(f"{name} is empty ({image.width}x{image.height} pixels).")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        peak = _PEAKS.get(image.mode) or (65535.0 if values.max(initial=0) > 255 else 255.0)
-        return Image.fromarray(np.clip(values / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode in _HIGH_DEPTH_MODES:
+        unit = _unit_values(image)
+        return Image.fromarray(np.clip(unit * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
     if image.mode in ("P", "La", "RGBa"):
         image = image.convert("LA" if image.mode == "La" else "RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
@@ -124,7 +132,9 @@ def image_batch_to_pils(images: torch.Tensor, name: str = "images") -> list[Imag
 
 def mask_to_array(mask: torch.Tensor | Image.Image | np.ndarray, name: str = "mask") -> np.ndarray:
     """A mask as a float [H,W] array in 0..1."""
-    if isinstance(mask, Image.Image):
+    if isinstance(mask, Image.Image) and mask.mode in _HIGH_DEPTH_MODES:
+        array = _unit_values(mask).astype(np.float32)
+    elif isinstance(mask, Image.Image):
         array = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
     else:
         array = np.asarray(mask.detach().cpu() if isinstance(mask, torch.Tensor) else mask)
