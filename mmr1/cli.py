@@ -7,7 +7,8 @@ from pathlib import Path
 
 from .embedded import MODEL_NAME
 from .errors import InputError, report_user_errors
-from .outputs import RECORD_FILE, SUBJECT_FILE, check_output_file, check_output_folder
+from .outputs import (RECORD_FILE, SUBJECT_FILE, check_output_file, check_output_folder, claim_output_folder,
+                      image_file, reference_file, write_bytes, write_text)
 from .ranges import Range
 from .sampling import SAMPLING_RANGES, SEEDS, SamplingSettings, check_seeds
 from .xcot import SUBJECT_SETTINGS, SUBJECT_SOURCES
@@ -294,8 +295,6 @@ def _ground_command(args: argparse.Namespace) -> int:
 
 def _write_file(path: Path, text: str) -> None:
     """A file output (ground --out, score --out), written whole, in folders created as needed."""
-    from .outputs import write_text
-
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -306,8 +305,6 @@ def _write_file(path: Path, text: str) -> None:
 def _generation_record(args: argparse.Namespace, mm, grounding, settings: SamplingSettings, reasoning: str | None,
                        seeds: list[int], subject: bool) -> dict:
     """What determines the images (not --batch-size, which leaves them as they are): the JSON beside them."""
-    from .outputs import image_file
-
     record = {
         "model": str(mm.source),
         "prompt": args.prompt,
@@ -337,7 +334,6 @@ def _generate_command(args: argparse.Namespace) -> int:
     from .generation import generate_batches
     from .images import tensor_to_pil
     from .metadata import dumps, save_png
-    from .outputs import claim_output_folder, image_file, write_text
 
     settings = SamplingSettings(cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     if args.mask and not args.ref:
@@ -376,7 +372,6 @@ def _generate_command(args: argparse.Namespace) -> int:
 def _demo_command(args: argparse.Namespace) -> int:
     """`generate` on the bundled references of a subject the embedded model never saw in training."""
     from .embedded import demo_task
-    from .outputs import reference_file, write_bytes
 
     references, default_prompt = demo_task()
     args.ref, args.mask, args.prompt = references, [], args.prompt or default_prompt

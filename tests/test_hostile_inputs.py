@@ -39,12 +39,12 @@ from PIL import Image
 import mmr1
 import mmr1.embedded
 import mmr1.errors
-from mmr1.cli import main
 from mmr1.errors import ModelFolderError
 from mmr1.images import BACKGROUND_GREY, crop_to_mask, mask_to_array, open_image, to_rgb
 from mmr1.loading import load_model
 from mmr1.rewards import REWARD_KINDS, load_reward_model, make_tiny_reward_checkpoint
 from tests.conftest import subject_image
+from tests.mmr1.test_cli import run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--max-new-tokens", "8", "--device", "cpu", "--dtype", "fp32"]
@@ -151,16 +151,6 @@ def connections(monkeypatch) -> list:
 # --- the cases ------------------------------------------------------------------------------------------------
 
 
-def cli(argv, capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        code = main([str(arg) for arg in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def assert_refused(result, *fragments) -> None:
     """Exit 2 and exactly one `error:` line, naming what was refused, never relaying torch's unsafe advice."""
     code, _, err = result
@@ -190,8 +180,14 @@ class Case:
 
     def generate(self, model: Path, *extra) -> tuple[tuple[int, str, str], Path]:
         out = self.tmp / "out"
-        return cli(["generate", "--model", model, "--prompt", "a photo of it", "--out", out, *FAST, *extra],
+        return run(["generate", "--model", model, "--prompt", "a photo of it", "--out", out, *FAST, *extra],
                    self.capsys), out
+
+    def assert_generation_refused(self, model: Path, *fragments) -> None:
+        """`generate` on `model` is refused (see assert_refused) before it writes anything."""
+        result, out = self.generate(model)
+        assert_refused(result, *fragments)
+        assert not out.exists()
 
 
 def pickle_model_hf_load(case: Case) -> None:
@@ -206,17 +202,13 @@ def pickle_model_hf_cli(case: Case) -> None:
     folder = case.copy(case.fixture("tiny_hf_dir"), "hf")
     (folder / "model.safetensors").unlink()
     plant_pickle(folder / "pytorch_model.bin", case.marker)
-    result, out = case.generate(folder)
-    assert_refused(result, folder / "pytorch_model.bin", "Convert the weights to safetensors")
-    assert not out.exists()
+    case.assert_generation_refused(folder, folder / "pytorch_model.bin", "Convert the weights to safetensors")
 
 
 def pickle_model_deepseek_cli(case: Case) -> None:
     folder = case.copy(case.fixture("tiny_deepseek_dir"), "deepseek")
     plant_pickle(folder / "pytorch_model.bin", case.marker)
-    result, out = case.generate(folder)
-    assert_refused(result, folder / "pytorch_model.bin", "holds objects other than tensors")
-    assert not out.exists()
+    case.assert_generation_refused(folder, folder / "pytorch_model.bin", "holds objects other than tensors")
 
 
 def pickle_model_shard_cli(case: Case) -> None:
@@ -232,18 +224,14 @@ def pickle_model_shard_cli(case: Case) -> None:
                folder / "pytorch_model-00002-of-00002.bin")
     weight_map = {key: f"pytorch_model-0000{1 + index % 2}-of-00002.bin" for index, key in enumerate(keys)}
     (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    result, out = case.generate(folder)
-    assert_refused(result, "pytorch_model-00002-of-00002.bin", "holds objects other than tensors")
-    assert not out.exists()
+    case.assert_generation_refused(folder, "pytorch_model-00002-of-00002.bin", "holds objects other than tensors")
 
 
 def pickle_lora_cli(case: Case) -> None:
     folder = case.copy(case.fixture("lora_dir"), "adapter")
     (folder / "adapter_model.safetensors").unlink()
     plant_pickle(folder / "adapter_model.bin", case.marker)
-    result, out = case.generate(folder)
-    assert_refused(result, folder / "adapter_model.bin", "adapter_model.safetensors")
-    assert not out.exists()
+    case.assert_generation_refused(folder, folder / "adapter_model.bin", "adapter_model.safetensors")
 
 
 def pickle_reward_dino_cli(case: Case) -> None:
@@ -253,7 +241,7 @@ def pickle_reward_dino_cli(case: Case) -> None:
     image = case.tmp / "image.png"
     subject_image().save(image)
     scores = case.tmp / "scores.json"
-    result = cli(["score", "--images", image, "--ref", image, "--reward", f"dino={folder}", "--out", scores],
+    result = run(["score", "--images", image, "--ref", image, "--reward", f"dino={folder}", "--out", scores],
                  case.capsys)
     assert_refused(result, folder / "pytorch_model.bin", "Convert the weights to safetensors")
     assert not scores.exists()

@@ -314,7 +314,7 @@ class Run:
         if saved["recipe"] != self.recipe or changed:
             raise ConfigError(f"output_dir {self.output} holds a {saved['recipe']} run whose config differs in "
                               f"{changed or ['recipe']}; resume it with the same config or choose another output_dir.")
-        step = int(saved["step"])
+        step = saved["step"]  # an int: _read_checkpoint checked it
         if step > self.config.steps:
             raise ConfigError(f"config key 'steps' is {self.config.steps}, but checkpoint {folder} is at step {step}: "
                               f"a resume would export step {step}'s weights as final/ of a {self.config.steps}-step "

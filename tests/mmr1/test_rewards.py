@@ -16,6 +16,7 @@ from PIL import Image
 
 from mmr1.errors import InputError, ModelFolderError
 from mmr1.rewards.models import feature_tensor
+from tests.mmr1.test_loading import Exploit
 from mmr1.rewards import (
     REWARD_KINDS,
     RewardBreakdown,
@@ -424,26 +425,15 @@ def test_bad_image_and_batch_size(rewards, images, references):
 # --- issue 16: pickles, devices, processor sizes and non-finite weights --------------------------------------
 
 
-class _Exploit:
-    ran = False
-
-    def __reduce__(self):
-        return (_Exploit.mark, ())
-
-    @staticmethod
-    def mark():
-        _Exploit.ran = True
-
-
 def test_pickle_holding_more_than_tensors_is_refused_with_a_way_out(folders, tmp_path):
     """transformers' UnpicklingError escaped as is, relaying torch's advice to retry with weights_only=False."""
     folder = _broken_copy(folders["dino"], tmp_path / "dino", "model.safetensors")
-    torch.save({"weights": object.__new__(_Exploit)}, folder / "pytorch_model.bin")
+    torch.save({"weights": object.__new__(Exploit)}, folder / "pytorch_model.bin")
     with pytest.raises(ModelFolderError) as error:
         load_reward_model("dino", folder)
     message = str(error.value)
     assert str(folder / "pytorch_model.bin") in message and "Convert the weights to safetensors" in message
-    assert "weights_only" not in message and "\n" not in message and not _Exploit.ran
+    assert "weights_only" not in message and "\n" not in message and not Exploit.ran
 
 
 def test_plain_pickle_still_loads(folders, tmp_path, images):

@@ -34,6 +34,7 @@ import json
 import shutil
 import time
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -142,7 +143,6 @@ class Pipeline:
     def __init__(self, config: PipelineConfig) -> None:
         self.config = config
         self.out = config.output_dir
-        self._scenes = None
         # read and checked before any stage runs: a bad recipe key fails now, not after an hour of stages
         self.sft_recipe, self.grpo_recipe = self.recipes()
 
@@ -181,11 +181,14 @@ class Pipeline:
         print(f"[{name}] {record}", flush=True)
         return folder
 
-    @property
+    @cached_property
     def scenes(self):
-        if self._scenes is None:
-            self._scenes = labelled_scenes(self.config.scenes, self.config.seed, "train")
-        return self._scenes
+        return labelled_scenes(self.config.scenes, self.config.seed, "train")
+
+    @cached_property
+    def subjects_alone(self):
+        """(images, labels) of every training subject alone: in the VQ's data and the judge's."""
+        return subject_renders(TRAIN_SUBJECTS)
 
     def components(self, folder: Path) -> dict:
         from safetensors.torch import save_file
@@ -195,7 +198,7 @@ class Pipeline:
 
         folder.mkdir(parents=True, exist_ok=True)
         held_out = labelled_scenes(256, self.config.seed + 1, "heldout")
-        images = training_images(self.scenes.images, subject_renders(TRAIN_SUBJECTS)[0], self.config.seed)
+        images = training_images(self.scenes.images, self.subjects_alone[0], self.config.seed)
         vq, vq_losses = train_vq(self.config.spec, images, self.config.vq_steps, self.config.vq_full_steps,
                                  batch_size=16, learning_rate=self.config.vq_learning_rate, seed=self.config.seed)
         save_file({k: v.contiguous() for k, v in vq.state_dict().items()}, str(folder / "vq.safetensors"))
@@ -209,7 +212,7 @@ class Pipeline:
         from .judge import attribute_accuracy, save_judge, train_judge
 
         judge, losses = train_judge(self.scenes.images, self.scenes.labels(), self.config.judge_steps,
-                                    seed=self.config.seed, subjects_alone=subject_renders(TRAIN_SUBJECTS))
+                                    seed=self.config.seed, subjects_alone=self.subjects_alone)
         held_out = labelled_scenes(512, self.config.seed + 2, "heldout")
         rendered = torch.as_tensor(held_out.images).float() / 255
         record = {"loss_last": losses[-1], "heldout_renders": attribute_accuracy(judge, rendered, held_out.truths())}
