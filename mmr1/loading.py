@@ -200,7 +200,9 @@ def _janus_config(folder: Path, layout: str, tokens: SpecialTokens):
 def check_processor_fits(folder: Path, processor, config) -> None:
     """Refuse processor files made for another resolution than the vision model: SigLIP's position embeddings
     cover one image size (another fails deep in the forward as a shape error), and the prompt reserves
-    `num_image_tokens` placeholders for each reference image."""
+    `num_image_tokens` placeholders for each reference image. transformers 4.52's JanusProcessor neither saves
+    nor reads num_image_tokens (it is always 576), so only a recorded count is checked and the processor is then
+    set to the model's count."""
     vision = config.vision_config
     size = processor.image_processor.size
     source = next((name for name in _PROCESSOR_FILES if (folder / name).is_file()), _PROCESSOR_FILES[0])
@@ -209,11 +211,13 @@ def check_processor_fits(folder: Path, processor, config) -> None:
             f"{folder / source} resizes images to {size['height']}x{size['width']}, but config.json's vision model "
             f"takes {vision.image_size}x{vision.image_size}; the processor files belong to another model."
         )
-    if processor.num_image_tokens != vision.num_image_tokens:
+    recorded = _processor_config(folder).get("num_image_tokens", vision.num_image_tokens)
+    if recorded != vision.num_image_tokens:
         raise ModelFolderError(
-            f"{folder / 'processor_config.json'} has num_image_tokens {processor.num_image_tokens}, but config.json's "
+            f"{folder / 'processor_config.json'} has num_image_tokens {recorded}, but config.json's "
             f"vision model gives {vision.num_image_tokens} per image; the processor files belong to another model."
         )
+    processor.num_image_tokens = vision.num_image_tokens
 
 
 def _load_janus(folder: Path, layout: str, config, dtype: torch.dtype, attn_implementation: str):

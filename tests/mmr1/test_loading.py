@@ -264,7 +264,7 @@ def edit_json(path, edit):
 @pytest.mark.parametrize(
     "layout, file, edit, message",
     [
-        ("hf", "processor_config.json", lambda c: c["image_processor"].update(size={"height": 64, "width": 64}),
+        ("hf", None, lambda c: c.get("image_processor", c).update(size={"height": 64, "width": 64}),
          "resizes images to 64x64, but config.json's vision model takes 32x32"),
         ("hf", "processor_config.json", lambda c: c.update(num_image_tokens=16),
          "num_image_tokens 16, but config.json's vision model gives 64"),
@@ -278,6 +278,8 @@ def test_processor_for_another_image_size_is_refused_before_the_weights(
 ):
     """The size mismatch failed deep in SigLIP at the first reference image (a shape RuntimeError)."""
     folder = copy_folder(tiny_hf_dir if layout == "hf" else tiny_deepseek_dir, tmp_path)
+    if file is None:  # the image processor's settings: a file of their own in transformers 4.x, nested in 5
+        file = "preprocessor_config.json" if (folder / "preprocessor_config.json").is_file() else "processor_config.json"
     edit_json(folder / file, edit)
     refuse_weights(monkeypatch)
     with pytest.raises(ModelFolderError, match=f"{re.escape(str(folder / file))} .*{re.escape(message)}"):
