@@ -27,8 +27,12 @@ Paths outside the JSONL file's folder (absolute, "../", a symlink pointing out) 
 for images kept elsewhere (DreamBench's photos, the embedded demo), so training reads them; `check` reports them
 as errors unless --allow-outside, so a dataset from elsewhere is vetted before it makes a run read other files.
 
-CLI (DreamBench's folder becomes records with `python -m training.dreambench records`):
+CLI (DreamBench's folder becomes records with `python -m training.dreambench records`; photo folders and pair
+datasets with `folders` and `pairs`, see training/importers.py):
     python -m training.data check FILE.jsonl [--require target,reasoning] [--allow-outside]
+    python -m training.data folders ROOT --out FILE.jsonl [--prompt "a photo of {subject}"] [--skip-bad]
+    python -m training.data pairs PAIRS.parquet --out FILE.jsonl [--skip-bad]
+    python -m training.data caption FILE.jsonl --model FOLDER --out CAPTIONED.jsonl (see training/caption.py)
 """
 
 from __future__ import annotations
@@ -143,7 +147,7 @@ class Record:
         return {key: value for key, value in values.items() if value is not None}
 
 
-def _listed(items: Sequence[str], separator: str = ", ") -> str:
+def listed(items: Sequence[str], separator: str = ", ") -> str:
     shown, tail = separator.join(items[:_LISTED]), " " if separator == ", " else separator
     return shown if len(items) <= _LISTED else f"{shown}{tail}and {len(items) - _LISTED} more"
 
@@ -200,12 +204,12 @@ def _refuse_outside(path: Path, lines: Sequence[int], records: Sequence[Record])
                 outside.append(f"line {line}: {file}" + ("" if resolved == file else f" (-> {resolved})"))
     if outside:
         raise InputError(
-            f"{path}: {len(outside)} image paths lie outside the dataset's folder {root}: {_listed(outside)}. Keep "
+            f"{path}: {len(outside)} image paths lie outside the dataset's folder {root}: {listed(outside)}. Keep "
             "the images under the folder of the JSONL file, or pass --allow-outside for a dataset you trust."
         )
 
 
-def _probe(file: Path) -> tuple[tuple[int, int] | None, str | None]:
+def probe_image(file: Path) -> tuple[tuple[int, int] | None, str | None]:
     """Decode one image as training will (open_image: whole, turned, bounded), giving its size or what is wrong."""
     try:
         return open_image(file).size, None
@@ -224,7 +228,7 @@ def _check_images(path: Path, lines: Sequence[int], records: Sequence[Record]) -
             used_on.setdefault(file, []).append(line)
     files = list(used_on)
     with ThreadPoolExecutor(_DECODERS) as pool:
-        probes = tqdm(pool.map(_probe, files), total=len(files), desc=f"decoding {path.name}", unit="image",
+        probes = tqdm(pool.map(probe_image, files), total=len(files), desc=f"decoding {path.name}", unit="image",
                       disable=True if len(files) < _BAR_FROM else None, leave=False)
         results = dict(zip(files, probes))
 
@@ -240,8 +244,8 @@ def _check_images(path: Path, lines: Sequence[int], records: Sequence[Record]) -
                 problems.append(f"line {line}: mask {index} {mask} is {mask_size[0]}x{mask_size[1]} but its reference "
                                 f"{reference} is {image_size[0]}x{image_size[1]}; a mask must have its image's size")
     if problems:
-        listed = _listed(problems, separator="\n  ")
-        raise InputError(f"{path}: {len(problems)} images cannot be used:\n  {listed}")
+        shown = problems[0] if len(problems) == 1 else "\n  " + listed(problems, separator="\n  ")
+        raise InputError(f"{path}: {len(problems)} image{'s' * (len(problems) > 1)} cannot be used: {shown}")
 
 
 def read_records(path: str | Path, require: Sequence[str] = (), allow_outside: bool = True) -> list[Record]:
@@ -282,14 +286,14 @@ def read_records(path: str | Path, require: Sequence[str] = (), allow_outside: b
     for key in require:
         lacking = [str(line) for line, record in zip(lines, records) if getattr(record, key) is None]
         if lacking:
-            raise InputError(f"{path}: {len(lacking)} records lack {key!r} (lines {_listed(lacking)}).")
+            raise InputError(f"{path}: {len(lacking)} records lack {key!r} (lines {listed(lacking)}).")
     if not allow_outside:
         _refuse_outside(path, lines, records)
     missing = [
         f"line {line}: {file}" for line, record in zip(lines, records) for file in record.files() if not file.is_file()
     ]
     if missing:
-        raise InputError(f"{path}: {len(missing)} files are missing: {_listed(missing)}.")
+        raise InputError(f"{path}: {len(missing)} files are missing: {listed(missing)}.")
     _check_images(path, lines, records)
     return records
 
@@ -345,13 +349,46 @@ class RecordOrder:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training.data", description="Check training JSONL.")
+    from mmr1.loading import DTYPES
+
+    from .importers import DEFAULT_PROMPT, SUBJECTS200K_PADDING  # importers builds on this module
+
+    parser = argparse.ArgumentParser(prog="python -m training.data", description="Check or make training JSONL.")
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="validate a JSONL file and summarise it")
     check.add_argument("file", type=Path)
     check.add_argument("--require", default="", help=f"comma-separated keys every record needs: {','.join(REQUIRABLE)}")
     check.add_argument("--allow-outside", action="store_true",
                        help="accept image paths outside the file's folder (absolute, ../, symlinks out)")
+    folders = commands.add_parser("folders", help="records from one folder of photos per subject (optional "
+                                  "<stem>_mask.png masks and prompts.txt); see training/importers.py")
+    folders.add_argument("root", type=Path)
+    folders.add_argument("--out", type=Path, required=True, help="the JSONL file to write")
+    folders.add_argument("--prompt", default=DEFAULT_PROMPT,
+                         help="prompt of folders without prompts.txt; {subject} is the folder's name")
+    folders.add_argument("--references", type=int, default=3, help="other photos of the subject per record")
+    pairs = commands.add_parser("pairs", help="records from a Subjects200K / UNO-style pair dataset (JSONL or "
+                                "parquet); see training/importers.py")
+    pairs.add_argument("source", type=Path)
+    pairs.add_argument("--out", type=Path, required=True, help="the JSONL file to write (images as bytes go to "
+                       "<out>_images/)")
+    pairs.add_argument("--padding", type=int, default=SUBJECTS200K_PADDING,
+                       help="border around each view of a side-by-side (Subjects200K) image")
+    caption = commands.add_parser("caption", help="write the model's own X-CoT reasoning into records that lack "
+                                  "it (cold-start SFT data from photos alone); see training/caption.py")
+    caption.add_argument("source", type=Path)
+    caption.add_argument("--model", required=True, help="a Janus / MMR1 checkpoint folder (or mmr1-world)")
+    caption.add_argument("--out", type=Path, required=True, help="the JSONL to write; run again to resume")
+    caption.add_argument("--batch-size", type=int, default=8, help="records grounded together")
+    caption.add_argument("--max-new-tokens", type=int, default=256, help="reasoning length limit")
+    caption.add_argument("--temperature", type=float, default=0.7, help="reasoning temperature (0: greedy)")
+    caption.add_argument("--seed", type=int, default=0, help="record i is seeded seed + i")
+    caption.add_argument("--device", default=None, help="cuda, cpu, ...; default: CUDA when available")
+    caption.add_argument("--dtype", default="auto", choices=DTYPES, help="weights' dtype (auto: bf16 on GPUs)")
+    caption.add_argument("--overwrite", action="store_true", help="replace reasonings the records already have")
+    for command in (folders, pairs):
+        command.add_argument("--skip-bad", action="store_true",
+                             help="leave out records with a bad image or an empty text instead of stopping")
     return parser
 
 
@@ -373,7 +410,30 @@ def _check_command(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"check": _check_command}
+def _folders_command(args: argparse.Namespace) -> int:
+    from .importers import convert_folders
+
+    print(convert_folders(args.root, args.out, args.prompt, args.references, args.skip_bad))
+    return 0
+
+
+def _pairs_command(args: argparse.Namespace) -> int:
+    from .importers import convert_pairs
+
+    print(convert_pairs(args.source, args.out, args.skip_bad, args.padding))
+    return 0
+
+
+def _caption_command(args: argparse.Namespace) -> int:
+    from .caption import caption_records
+
+    print(caption_records(args.source, args.out, args.model, args.batch_size, args.max_new_tokens, args.temperature,
+                          args.seed, args.device, args.dtype, args.overwrite))
+    return 0
+
+
+_COMMANDS = {"check": _check_command, "folders": _folders_command, "pairs": _pairs_command,
+             "caption": _caption_command}
 
 
 def main(argv: list[str] | None = None) -> int:

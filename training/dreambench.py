@@ -3,6 +3,7 @@ model (DINO, CLIP-I and CLIP-T per subject).
 
     python -m training.dreambench records ROOT OUT.jsonl [--references N] [--unique-token sks] [--subjects a,b]
     python -m training.dreambench evaluate ROOT --model DIR [--dino DIR] [--clip DIR] [--out DIR] [--mode xcot]
+        [--protocol dreambooth|uno]
 
 A DreamBench folder holds `<subject>/*.jpg` and `prompts_and_classes.txt` (the subject table and the object and
 live-subject prompt lists). `records` writes one prompt record (training/data.py's format, no target) per subject
@@ -14,7 +15,12 @@ with the class noun and no unique token), the model sees `references` photos of 
 
 - DINO: mean cosine similarity of its ViT-S/16 CLS embedding to those of ALL real photos of the subject;
 - CLIP-I: the same with CLIP image embeddings;
-- CLIP-T: cosine similarity of its CLIP image embedding to the CLIP text embedding of the prompt.
+- CLIP-T: cosine similarity of its CLIP image embedding to the CLIP text embedding of the prompt;
+- copy-paste: 1 when it is closer (DINO, else CLIP-I) to one real photo than the two most similar real photos are
+  to each other, else 0; its mean is the share of images that paste a reference rather than re-render the subject.
+
+`protocol` "dreambooth" draws 4 images per prompt; "uno" (UNO's protocol, which later papers compare with) draws
+6 and requires the CLIP folder to be a ViT-B/32, with DINO ViT-S/16 for DINO.
 
 The scores come from `mmr1.rewards` (the same code GRPO is rewarded with), so evaluation and training agree on what a
 metric means. A subject's score is the mean over its images; the overall score the mean over all images, as in the
@@ -33,6 +39,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -40,7 +47,7 @@ from mmr1.errors import InputError, report_user_errors
 from mmr1.generation import generate
 from mmr1.images import open_image, to_rgb
 from mmr1.metadata import save_png
-from mmr1.rewards import RewardModel
+from mmr1.rewards import ImageSimilarityReward, RewardModel
 from mmr1.sampling import SamplingSettings
 from mmr1.xcot import Grounding, check_subject_source, extract_subject, ground_batch
 
@@ -134,12 +141,17 @@ def dreambench_records(
 
 
 # Reward kind -> column name; the order of the table's columns.
-METRICS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T"}
+METRICS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "copy_paste": "copy-paste"}
+COPY_PASTE = "copy_paste"  # measured with DINO (else CLIP-I) whenever one of them is
 # xcot: ground (reasoning + subject tokens), then generate; references: the same conditioning without reasoning;
 # prompt: plain text-to-image, the baseline that shows what the references add.
 MODES = ("xcot", "references", "prompt")
 PROMPTS_PER_SUBJECT = 25
 IMAGES_PER_PROMPT = 4
+# dreambooth: 4 images per prompt, any CLIP (the DreamBooth paper); uno: 6 images per prompt, CLIP ViT-B/32 for
+# CLIP-I and CLIP-T (the protocol of UNO and the papers comparing with it), DINO ViT-S/16 for both.
+PROTOCOLS = {"dreambooth": {"images_per_prompt": IMAGES_PER_PROMPT, "clip_patch_size": None},
+             "uno": {"images_per_prompt": 6, "clip_patch_size": 32}}
 
 
 @dataclass(frozen=True)
@@ -240,6 +252,32 @@ def _check_rewards(rewards: Mapping[str, RewardModel]) -> None:
             )
 
 
+def _check_protocol(protocol: str, rewards: Mapping[str, RewardModel]) -> None:
+    """The protocol exists and the CLIP folder is the one it names (UNO: ViT-B/32)."""
+    if protocol not in PROTOCOLS:
+        raise InputError(f"Unknown DreamBench protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}.")
+    patch = PROTOCOLS[protocol]["clip_patch_size"]
+    for kind in ("clip_i", "clip_t"):
+        if patch is not None and kind in rewards:
+            found = rewards[kind].model.config.vision_config.patch_size
+            if found != patch:
+                raise InputError(f"The {protocol} protocol measures {METRICS[kind]} with CLIP ViT-B/{patch}; the "
+                                 f"CLIP folder given has {found}-pixel patches (ViT-?/{found}).")
+
+
+def copy_paste_flags(similarity: ImageSimilarityReward, images: Sequence[Image.Image], real: Sequence[Image.Image],
+                     batch_size: int = 16) -> list[float] | None:
+    """1.0 for each image more similar to one real photo of the subject than the two most similar real photos are
+    to each other, else 0.0 (their mean is the copy-paste share: an identity reward pushes towards pasting the
+    reference, and a score above real-photo similarity is that, not fidelity); None with fewer than 2 photos."""
+    if len(real) < 2:
+        return None
+    among_real = similarity.similarities(list(real), list(real), batch_size)
+    ceiling = float(among_real.masked_fill(torch.eye(len(real), dtype=torch.bool), -2.0).max())
+    closest = similarity.similarities(list(images), list(real), batch_size).amax(dim=1)
+    return (closest > ceiling).float().tolist()
+
+
 def _check_output_folder(folder: Path) -> None:
     existing = next((parent for parent in (folder, *folder.parents) if parent.exists()), None)
     if existing is not None and not existing.is_dir():
@@ -305,7 +343,7 @@ def evaluate_dreambench(
     rewards: Mapping[str, RewardModel],
     subjects: Sequence[str] | None = None,
     prompts_per_subject: int | None = None,
-    images_per_prompt: int = IMAGES_PER_PROMPT,
+    images_per_prompt: int | None = None,
     references: int = 3,
     seed: int = 0,
     settings: SamplingSettings = SamplingSettings(),
@@ -317,18 +355,23 @@ def evaluate_dreambench(
     out_dir: str | Path | None = None,
     progress: bool = True,
     batch_size: int = 16,
+    protocol: str = "dreambooth",
 ) -> DreamBenchResult:
     """Run the DreamBench protocol with `mm` and score it with `rewards` ({"dino", "clip_i", "clip_t"}: models from
     `mmr1.rewards.load_reward_model` of those kinds; any subset).
 
     `subjects` picks rows of the table (default all), `prompts_per_subject` the first prompts of each list (default
-    all 25). `mode` is "xcot", "references" or "prompt" (see MODES). With `out_dir`, images are written as
+    all 25), `protocol` one of PROTOCOLS (its images per prompt unless `images_per_prompt` says otherwise). Beside
+    the rewards' scores, the copy-paste share (`copy_paste_flags`) with DINO, else CLIP-I. `mode` is "xcot", "references" or "prompt" (see MODES). With `out_dir`, images are written as
     `<subject>/<prompt index>_<n>.png`, each PNG carrying its prompt, seed and reasoning. Inputs are checked before
     any image is drawn, so a typo fails at once rather than after an hour of sampling.
     """
     root = Path(root).expanduser().absolute()
     prompts_file = _check_root(root)
     _check_rewards(rewards)
+    _check_protocol(protocol, rewards)
+    if images_per_prompt is None:
+        images_per_prompt = PROTOCOLS[protocol]["images_per_prompt"]
     if mode not in MODES:
         raise InputError(f"Unknown DreamBench mode {mode!r}; choose one of {', '.join(MODES)}.")
     for name, value in (("images_per_prompt", images_per_prompt), ("references", references),
@@ -362,9 +405,11 @@ def evaluate_dreambench(
     if out is not None:
         _check_output_folder(out)
 
+    similarity = rewards.get("dino") or rewards.get("clip_i")  # what the copy-paste share is measured with
     run_settings = {
         "root": str(root),
         "mode": mode,
+        "protocol": protocol,
         "subjects": chosen,
         "prompts_per_subject": prompts_per_subject,
         "images_per_prompt": images_per_prompt,
@@ -373,7 +418,7 @@ def evaluate_dreambench(
         "sampling": settings.to_dict(),
         "grounding": {"max_new_tokens": max_new_tokens, "temperature": ground_temperature, "top_p": ground_top_p,
                       "subject_source": subject_source},
-        "metrics": [kind for kind in METRICS if kind in rewards],
+        "metrics": [kind for kind in METRICS if kind in rewards or (kind == COPY_PASTE and similarity is not None)],
         "model": str(getattr(mm, "source", "")),
     }
     rows: list[SubjectScores] = []
@@ -413,10 +458,14 @@ def evaluate_dreambench(
                 kind: reward.score(images, references=real, prompts=prompts, batch_size=batch_size).tolist()
                 for kind, reward in ((kind, rewards[kind]) for kind in METRICS if kind in rewards)
             }
+            flags = None if similarity is None else copy_paste_flags(similarity, images, real, batch_size)
+            if flags is not None:
+                values[COPY_PASTE] = flags
             drawn = [replace(image, scores={kind: values[kind][i] for kind in values}) for i, image in enumerate(drawn)]
             scored += drawn
             rows.append(SubjectScores(name, classes[name], len(drawn), {kind: _mean(values[kind]) for kind in values}))
-    mean = {kind: _mean([image.scores[kind] for image in scored]) for kind in METRICS if kind in rewards}
+    mean = {kind: _mean([image.scores[kind] for image in scored]) for kind in METRICS
+            if all(kind in image.scores for image in scored)}
     return DreamBenchResult(subjects=rows, mean=mean, images=scored, settings=run_settings)
 
 
@@ -443,7 +492,7 @@ def _evaluate_command(args: argparse.Namespace) -> int:
     result = evaluate_dreambench(
         load_model(args.model), args.root, rewards, subjects=split_names(args.subjects),
         prompts_per_subject=args.prompts, images_per_prompt=args.images_per_prompt, references=args.references,
-        seed=args.seed, settings=settings, mode=args.mode, out_dir=args.out)
+        seed=args.seed, settings=settings, mode=args.mode, out_dir=args.out, protocol=args.protocol)
     table = result.markdown()
     if args.out is not None:
         (args.out / "dreambench.md").write_text(table, encoding="utf-8")
@@ -470,7 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dino", type=Path, help="DINO ViT-S/16 folder (vit)")
     bench.add_argument("--clip", type=Path, help="CLIP folder, for CLIP-I and CLIP-T")
     bench.add_argument("--prompts", type=int, default=None, help="prompts per subject (default: all 25)")
-    bench.add_argument("--images-per-prompt", type=int, default=IMAGES_PER_PROMPT)
+    bench.add_argument("--protocol", default="dreambooth", choices=list(PROTOCOLS),
+                       help="dreambooth: 4 images per prompt; uno: 6 per prompt, CLIP ViT-B/32 (--clip)")
+    bench.add_argument("--images-per-prompt", type=int, default=None, help="default: the protocol's")
     bench.add_argument("--mode", default="xcot", choices=MODES)
     bench.add_argument("--cfg", type=float, default=5.0)
     bench.add_argument("--out", type=Path, default=None)

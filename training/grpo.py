@@ -34,7 +34,10 @@ from .config import AT_LEAST_ONE, AT_LEAST_ZERO, POSITIVE, knob, recipe_main
 from .data import Record, RecordOrder, read_records
 from .engine import Run, RunConfig
 from .memory import device_memory, engine_kind, estimate_step_memory
-from .grpo_loss import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, SCALE_REWARDS, group_advantages, masked_mean, segment_loss
+from .grpo_loss import (
+    IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, MULTI_OBJECTIVE_AGGREGATIONS, SCALE_REWARDS, aggregate_rewards,
+    group_advantages, masked_mean, segment_loss,
+)
 from .plots import sample_grid
 from .policy import Policy, make_policy
 from .rewards import build_rewards, parse_spec
@@ -63,6 +66,10 @@ class GRPOConfig(RunConfig):
                           choices=LOSS_TYPES)
     scale_rewards: str = knob("group", f"advantage scaling, one of {SCALE_REWARDS}: the group's std, the step's std, "
                                        "or none (Dr. GRPO)", choices=SCALE_REWARDS)
+    multi_objective_aggregation: str = knob("sum_then_normalize", "how several rewards make one: weighted sum, then "
+                                            "normalised (sum_then_normalize), or each normalised within its group, "
+                                            "then summed (normalize_then_sum, GDPO: for rewards in conflict, such as "
+                                            "identity and prompt)", choices=MULTI_OBJECTIVE_AGGREGATIONS)
     epsilon: float = knob(0.2, "lower clip range of the ratio (and the upper one unless epsilon_high is set)",
                           within=POSITIVE)
     epsilon_high: float | None = knob(None, "upper clip range of the ratio (DAPO's clip-higher, e.g. 0.28); "
@@ -269,9 +276,13 @@ def rollout_seeds(config: GRPOConfig, step: int, group: int) -> tuple[int, int, 
 
 def assign_advantages(groups: list[Group], run: Run, config: GRPOConfig) -> torch.Tensor:
     """Advantages of this process's groups from the rewards of every process (scale_rewards 'batch' needs the
-    step's std); returns the gathered rewards [groups over all processes, G]."""
+    step's std), aggregated as multi_objective_aggregation says; returns the gathered weighted sums [groups over
+    all processes, G] for the logs."""
     rewards = run.gather(torch.stack([group.rewards for group in groups]))
-    advantages = group_advantages(rewards, config.scale_rewards)
+    components = run.gather(torch.stack([torch.stack(list(group.components.values())) for group in groups]))
+    weights = torch.tensor([parse_spec(spec)[2] for spec in config.rewards])
+    advantages = group_advantages(aggregate_rewards(components, weights, config.multi_objective_aggregation),
+                                  config.scale_rewards)
     mine = advantages[run.process_index * len(groups):][: len(groups)]
     for group, row in zip(groups, mine):
         group.advantages = row

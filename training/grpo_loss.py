@@ -9,6 +9,9 @@ Pure tensor functions (no model), so every option has a unit test against a hand
   the segment's token limit (a constant, so long and short sequences weigh the same per token); "dapo": sum over
   the group's tokens divided by the mean token count per group of the whole step (`tokens_per_group`), so that
   after the trainer's mean over groups and processes every token of the step weighs the same;
+- `multi_objective_aggregation`: "sum_then_normalize" weighs and sums the rewards, then normalises the total;
+  "normalize_then_sum" (GDPO) normalises each reward within its group first, so that a reward of wide range
+  (an identity score) cannot drown one of narrow range (a prompt score) that conflicts with it;
 - `importance_sampling_level`: "token" (PPO/GRPO) or "sequence" (GSPO: one ratio per sequence, the exponential
   of the mean token log-ratio);
 - `epsilon` / `epsilon_high`: the lower and upper clip range (DAPO's clip-higher when they differ).
@@ -21,6 +24,7 @@ import torch
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 STD_FLOOR = 1e-4  # added to a std before dividing, as TRL does
 
 
@@ -45,6 +49,26 @@ def group_advantages(rewards: torch.Tensor, scale_rewards: str = "group") -> tor
     if scale_rewards == "none":
         return centred
     raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
+
+
+def aggregate_rewards(components: torch.Tensor, weights: torch.Tensor,
+                      aggregation: str = "sum_then_normalize") -> torch.Tensor:
+    """The rewards [P, G] that `group_advantages` turns into advantages, from each reward's scores.
+
+    Args:
+        components: [P, K, G] the scores of K rewards for P groups of G rollouts (NaN where a reward failed).
+        weights: [K] each reward's weight.
+        aggregation: one of MULTI_OBJECTIVE_AGGREGATIONS. A rollout with a failed reward stays NaN either way.
+    """
+    weights = weights.to(components.dtype)[None, :, None]
+    if aggregation == "sum_then_normalize":
+        return (weights * components).sum(dim=1)
+    if aggregation == "normalize_then_sum":
+        groups, count, size = components.shape
+        normalised = group_advantages(components.reshape(groups * count, size), "group").view(groups, count, size)
+        total = (weights * normalised).sum(dim=1)
+        return torch.where(torch.isnan(components).any(dim=1), torch.full_like(total, float("nan")), total)
+    raise ValueError(f"multi_objective_aggregation must be one of {MULTI_OBJECTIVE_AGGREGATIONS}, got {aggregation!r}")
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:

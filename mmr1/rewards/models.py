@@ -11,7 +11,6 @@ in torchvision, which transformers imports with its image utilities whenever it 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from safetensors import SafetensorError
 from ..embedded import resolve as resolve_embedded
 from ..errors import InputError, ModelFolderError
 from ..images import to_rgb
+from ..loading import read_json
 
 
 REWARD_KINDS = ("dino", "dinov2", "clip_i", "clip_t", "pickscore")
@@ -181,11 +181,17 @@ class ImageSimilarityReward(RewardModel):
         prompts: list[str] | str | None,
         batch_size: int,
     ) -> torch.Tensor:
+        return self.similarities(images, references, batch_size).mean(dim=1)
+
+    def similarities(self, images: list[Image.Image], references: list[Image.Image] | None,
+                     batch_size: int = 16) -> torch.Tensor:
+        """Cosine similarity [len(images), len(references)] of every image to every reference (the score is its
+        row mean; DreamBench's copy-paste measure needs the single closest reference)."""
         if not references:
             raise InputError(f"The {self.name} reward compares with reference images, but none were given.")
-        references = _as_rgb(references, "references")
-        reference_embeddings = self._encode_images(references, batch_size)  # once, shared by every image
-        return (self._encode_images(images, batch_size) @ reference_embeddings.T).mean(dim=1)
+        with torch.inference_mode():
+            reference_embeddings = self._encode_images(_as_rgb(references, "references"), batch_size)  # once
+            return (self._encode_images(_as_rgb(images, "images"), batch_size) @ reference_embeddings.T).cpu()
 
 
 class TextAlignmentReward(RewardModel):
@@ -268,13 +274,7 @@ def _read_config(folder: Path) -> dict[str, Any]:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise ModelFolderError(f"Reward model folder {folder} has no config.json.")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ModelFolderError(f"Cannot read {config_file}: {error}") from error
-    if not isinstance(config, dict):
-        raise ModelFolderError(f"{config_file} is not a JSON object.")
-    return config
+    return read_json(config_file)
 
 
 def _missing_files(folder: Path, spec: _KindSpec) -> list[str]:

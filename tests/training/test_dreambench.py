@@ -17,7 +17,9 @@ from mmr1.metadata import read_png_record
 from mmr1.rewards import load_reward_model, make_tiny_reward_checkpoint
 from tests.conftest import subject_image
 from training.data import main as data_main
-from training.dreambench import DreamBenchResult, dreambench_records, evaluate_dreambench, image_seed, main
+from training.dreambench import (
+    DreamBenchResult, copy_paste_flags, dreambench_records, evaluate_dreambench, image_seed, main,
+)
 
 SUBJECTS = {"backpack": "backpack", "dog": "dog"}  # subject folder -> class; table order
 PHOTOS = 3
@@ -111,9 +113,10 @@ def test_every_image_is_written_and_scored_against_all_real_photos(run, bench, r
     assert [(image.subject, image.prompt_index, image.image_index) for image in result.images] == [
         (subject, prompt, n) for subject in SUBJECTS for prompt in range(2) for n in range(2)
     ]
-    assert result.metrics == ["dino", "clip_i", "clip_t"]
+    assert result.metrics == ["dino", "clip_i", "clip_t", "copy_paste"]
     for image in result.images:
-        assert set(image.scores) == {"dino", "clip_i", "clip_t"}
+        assert set(image.scores) == {"dino", "clip_i", "clip_t", "copy_paste"}
+        assert image.scores["copy_paste"] in (0.0, 1.0)
         assert all(math.isfinite(value) and -1.0 - 1e-5 <= value <= 1.0 + 1e-5 for value in image.scores.values())
         # The prompt has the class noun and no unique token; seeds follow (seed, subject row, prompt index) alone.
         scenes = LIVE_PROMPTS if image.subject == "dog" else OBJECT_PROMPTS
@@ -150,15 +153,44 @@ def test_means_and_markdown(run) -> None:
         assert result.mean[kind] == pytest.approx(np.mean([image.scores[kind] for image in result.images]), abs=1e-6)
 
     lines = result.markdown().strip().splitlines()
-    assert lines[0] == "| subject | DINO | CLIP-I | CLIP-T | images |"
-    assert re.fullmatch(r"\|---\|(---:\|){4}", lines[1])
+    assert lines[0] == "| subject | DINO | CLIP-I | CLIP-T | copy-paste | images |"
+    assert re.fullmatch(r"\|---\|(---:\|){5}", lines[1])
     assert len(lines) == 2 + len(SUBJECTS) + 1
     for line, row in zip(lines[2:4], result.subjects):
-        values = " | ".join(f"{row.scores[kind]:.3f}" for kind in ("dino", "clip_i", "clip_t"))
+        values = " | ".join(f"{row.scores[kind]:.3f}" for kind in ("dino", "clip_i", "clip_t", "copy_paste"))
         assert line == f"| {row.subject} | {values} | 4 |"
-    mean = " | ".join(f"{result.mean[kind]:.3f}" for kind in ("dino", "clip_i", "clip_t"))
+    mean = " | ".join(f"{result.mean[kind]:.3f}" for kind in ("dino", "clip_i", "clip_t", "copy_paste"))
     assert lines[4] == f"| **mean** | {mean} | 8 |"
     assert result.to_dict()["images"][0]["path"].endswith("backpack/00_0.png")
+
+
+def test_a_pasted_reference_counts_as_copy_paste(rewards) -> None:
+    dino = rewards["dino"]
+    real = [_photo(seed) for seed in range(3)]
+    other = _photo(99)
+    flags = copy_paste_flags(dino, [real[1].copy(), other], real)
+    assert flags[0] == 1.0  # closer to a photo (identical) than any two real photos are to each other
+    among = dino.similarities(real, real)
+    ceiling = max(float(among[i, j]) for i in range(3) for j in range(3) if i != j)
+    assert flags[1] == float(float(dino.similarities([other], real).max()) > ceiling)
+    assert copy_paste_flags(dino, [other], real[:1]) is None  # one photo: no real pair to compare with
+
+
+def test_the_uno_protocol_draws_six_images_and_needs_clip_b32(tiny_model, bench, rewards, tmp_path) -> None:
+    with pytest.raises(InputError, match="ViT-B/32"):
+        evaluate_dreambench(tiny_model, bench, rewards, protocol="uno", **SMALL)
+    with pytest.raises(InputError, match="protocol 'dreambooth2'"):
+        evaluate_dreambench(tiny_model, bench, rewards, protocol="dreambooth2", **SMALL)
+    from mmr1.rewards.tiny import build_clip_folder
+
+    (tmp_path / "clip32").mkdir()
+    build_clip_folder(tmp_path / "clip32", seed=0, image_size=64, patch_size=32)
+    clip32 = {kind: load_reward_model(kind, tmp_path / "clip32") for kind in ("clip_i", "clip_t")}
+    small = {**SMALL, "images_per_prompt": None, "prompts_per_subject": 1}
+    result = evaluate_dreambench(tiny_model, bench, {**clip32, "dino": rewards["dino"]}, subjects=["backpack"],
+                                 protocol="uno", **small)
+    assert [image.image_index for image in result.images] == list(range(6))
+    assert result.settings["protocol"] == "uno" and result.settings["images_per_prompt"] == 6
 
 
 def test_same_seed_same_numbers_and_subsets_draw_the_same_images(run, tiny_model, bench, rewards) -> None:

@@ -14,7 +14,7 @@ from PIL import Image
 
 from training.config import ConfigError, build_config
 from training.data import Record, read_records, write_records
-from training.grpo import GRPOConfig, rollout, rollout_seeds, train
+from training.grpo import GRPOConfig, Group, assign_advantages, rollout, rollout_seeds, train
 from training.rewards import build_reward, build_rewards, redness
 
 
@@ -375,10 +375,34 @@ def test_rollout_seeds_never_repeat_over_many_groups_and_steps():
     ("temperature", 0.0), ("reasoning_temperature", 0.0), ("temperature", float("inf")), ("cfg_scale", 0.5),
     ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1), ("epsilon_high", -0.1), ("loss_type", "ppo"),
     ("scale_rewards", "rank"), ("importance_sampling_level", "chunk"), ("beta", float("nan")),
+    ("multi_objective_aggregation", "max"),
 ])
 def test_sampling_and_loss_knobs_are_checked_when_the_config_is_read(key, value):
     with pytest.raises(ConfigError, match=key):
         build_config(GRPOConfig, {"model": "m", "data": "d", key: value})
+
+
+class OneProcess:
+    """The engine's Run as one process sees it: gathering returns this process's own tensor."""
+
+    process_index, num_processes = 0, 1
+
+    @staticmethod
+    def gather(tensor):
+        return tensor
+
+
+@pytest.mark.parametrize("aggregation, favoured", [("sum_then_normalize", 1), ("normalize_then_sum", 0)])
+def test_the_aggregation_decides_which_rollout_the_advantages_favour(aggregation, favoured):
+    # redness prefers rollout 1 by a wide margin, format prefers rollout 0 by a narrow one, weighted twice
+    components = {"redness": torch.tensor([0.0, 10.0]), "format": torch.tensor([0.1, 0.0])}
+    group = Group(segments={}, reference_features=None, rewards=components["redness"] + 2 * components["format"],
+                  components=components, truncated=torch.zeros(2, dtype=torch.bool), reasonings=["", ""], images=None)
+    settings = build_config(GRPOConfig, {"model": "m", "data": "d", "rewards": ["redness@1", "format@2"],
+                                         "multi_objective_aggregation": aggregation})
+    logged = assign_advantages([group], OneProcess(), settings)
+    torch.testing.assert_close(logged, torch.tensor([[0.2, 10.0]]))  # the logs keep the weighted sum either way
+    assert int(group.advantages.argmax()) == favoured
 
 
 def test_two_rewards_of_one_kind_keep_separate_metrics():
@@ -389,6 +413,7 @@ def test_two_rewards_of_one_kind_keep_separate_metrics():
 @pytest.mark.parametrize("options", [
     {"loss_type": "dapo", "epsilon_high": 0.28}, {"loss_type": "dr_grpo", "scale_rewards": "none"},
     {"loss_type": "bnpo", "scale_rewards": "batch", "importance_sampling_level": "sequence", "num_iterations": 2},
+    {"multi_objective_aggregation": "normalize_then_sum", "rewards": ["redness@1", "format@0.5"]},
 ])
 def test_trl_options_train(learnable_model, prompts, tmp_path, options):
     train(config(learnable_model, prompts, output_dir=str(tmp_path / "run"), steps=1, prompts_per_step=2,

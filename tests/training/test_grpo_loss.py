@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from training.grpo_loss import group_advantages, segment_loss
+from training.grpo_loss import aggregate_rewards, group_advantages, segment_loss
 
 HALF = math.log(0.5)
 
@@ -31,6 +31,31 @@ def test_nan_rewards_are_masked_out_of_the_group():
     # mean and std of (1, 3) alone; the failed rollout gets 0
     torch.testing.assert_close(advantages, torch.tensor([[-1.0, 0.0, 1.0]]) / (2**0.5 + 1e-4))
     assert torch.isfinite(group_advantages(torch.tensor([[float("nan"), float("nan")]]), "batch")).all()
+
+
+def test_normalize_then_sum_keeps_a_narrow_reward_from_being_drowned():
+    # one group of two rollouts: identity prefers the second by 10, the prompt prefers the first by 0.1
+    components = torch.tensor([[[0.0, 10.0], [0.1, 0.0]]])  # [P=1, K=2, G=2]
+    weights = torch.tensor([1.0, 2.0])
+    summed = aggregate_rewards(components, weights, "sum_then_normalize")
+    torch.testing.assert_close(summed, torch.tensor([[0.2, 10.0]]))
+    assert group_advantages(summed)[0, 1] > 0  # the wide reward decides alone
+    # each normalised in the group first: identity (-0.707, +0.707), prompt (+0.707, -0.707), weights 1 and 2
+    normalised = aggregate_rewards(components, weights, "normalize_then_sum")
+    half = 5 / (50**0.5 + 1e-4)
+    torch.testing.assert_close(normalised, torch.tensor([[-half + 2 * 0.05 / (0.005**0.5 + 1e-4),
+                                                          half - 2 * 0.05 / (0.005**0.5 + 1e-4)]]))
+    assert group_advantages(normalised)[0, 0] > 0  # now the prompt reward, weighted twice, wins
+
+
+def test_a_failed_reward_leaves_its_rollout_out_under_either_aggregation():
+    components = torch.tensor([[[1.0, 2.0, 3.0], [0.5, float("nan"), 0.0]]])
+    for aggregation in ("sum_then_normalize", "normalize_then_sum"):
+        total = aggregate_rewards(components, torch.ones(2), aggregation)
+        assert torch.isnan(total[0, 1]) and torch.isfinite(total[0, [0, 2]]).all()
+        assert group_advantages(total)[0, 1] == 0
+    with pytest.raises(ValueError, match="multi_objective_aggregation"):
+        aggregate_rewards(components, torch.ones(2), "max")
 
 
 def loss(new, old, mask, advantages, **options):
