@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .embedded import MODEL_NAME
 from .errors import InputError, report_user_errors
+from .loading import ATTENTION_IMPLEMENTATIONS, DTYPES
 from .outputs import (RECORD_FILE, SUBJECT_FILE, check_output_file, check_output_folder, claim_output_folder,
                       image_file, reference_file, write_bytes, write_text)
 from .ranges import Range
@@ -39,9 +40,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=MODEL_NAME,
                         help=f"Janus-Pro checkpoint folder (either layout), LoRA adapter, or {MODEL_NAME} (embedded)")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda when available)")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
                         help="auto: bf16 on GPUs that support it, fp32 on CPU")
-    parser.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"), help="attention implementation")
+    parser.add_argument("--attn", default="sdpa", choices=ATTENTION_IMPLEMENTATIONS, help="attention implementation")
     parser.add_argument("--compile", action="store_true",
                         help="compile the decode steps with torch.compile (CUDA graphs on CUDA): the first run "
                         "compiles for tens of seconds, later steps launch faster")
@@ -58,9 +59,10 @@ def _add_grounding_options(parser: argparse.ArgumentParser, required: bool, demo
     parser.add_argument("--ground-temperature", type=float, default=DEFAULTS["ground_temperature"],
                         help="temperature of the reasoning text (0: greedy)")
     parser.add_argument("--ground-top-p", type=float, default=DEFAULTS["ground_top_p"], help="top-p of the reasoning text")
-    parser.add_argument("--subject", default="reference", choices=SUBJECT_SOURCES,
+    parser.add_argument("--subject", default=None, choices=SUBJECT_SOURCES,
                         help="visual intermediate: the first reference as VQ tokens (reference), none, or the "
-                        "subject drawn by the model after its reasoning (generate); written as subject.png")
+                        "subject drawn by the model after its reasoning (generate); written as subject.png "
+                        "(default: what training/ taught the model, from its mmr1_training.json; else reference)")
     parser.add_argument("--seed", type=int, default=0, help="seed; image i of a batch uses seed + i")
 
 
@@ -245,21 +247,29 @@ def _open_images(paths: list[Path], what: str) -> list:
     return [open_image(path, what) for path in paths]
 
 
-def _ground(args: argparse.Namespace, mm, subject_settings: SamplingSettings = SUBJECT_SETTINGS):
+def _open_references(args: argparse.Namespace) -> tuple[list, list | None]:
+    """(references, masks or None) of --ref and --mask, read before a model loads: a bad file fails in seconds."""
+    return _open_images(args.ref, "reference image"), _open_images(args.mask, "mask") or None
+
+
+def _ground(args: argparse.Namespace, mm, images: tuple[list, list | None],
+            subject_settings: SamplingSettings = SUBJECT_SETTINGS):
+    from .loading import trained_subject_source
     from .xcot import ground
 
+    references, masks = images
     bar = _TokenBar("grounding")
     try:
         return ground(
             mm,
-            _open_images(args.ref, "reference image"),
+            references,
             args.prompt,
-            masks=_open_images(args.mask, "mask") or None,
+            masks=masks,
             max_new_tokens=args.max_new_tokens,
             temperature=args.ground_temperature,
             top_p=args.ground_top_p,
             seed=args.seed,
-            subject_source=args.subject,
+            subject_source=args.subject or trained_subject_source(mm.source) or "reference",
             progress=bar,
             subject_settings=subject_settings,
         )
@@ -284,7 +294,8 @@ def _ground_command(args: argparse.Namespace) -> int:
 
     if args.out:
         check_output_file(args.out)
-    record = grounding_record(_ground(args, _load(args)))
+    images = _open_references(args)
+    record = grounding_record(_ground(args, _load(args), images))
     if args.out:
         _write_file(args.out, dumps(record) + "\n")
         print(f"wrote {args.out}")
@@ -342,8 +353,9 @@ def _generate_command(args: argparse.Namespace) -> int:
     if args.reasoning_file:
         reasoning = _read_text(args.reasoning_file, "--reasoning-file")
     earlier = check_output_folder(args.out, args.overwrite)
+    images = _open_references(args)
     mm = _load(args)
-    grounding = _ground(args, mm, settings) if args.ref else None
+    grounding = _ground(args, mm, images, settings) if args.ref else None
     seeds = [args.seed + index for index in range(args.num_images)]
     record = None
     bar = _TokenBar("image tokens")
@@ -389,12 +401,12 @@ def _score_command(args: argparse.Namespace) -> int:
 
     if args.out:
         check_output_file(args.out)
+    images = _open_images(args.images, "image")  # before any reward model loads: a bad file fails in seconds
+    references = _open_images(args.ref, "reference image") or None
     components = []
     for spec in args.reward:
         kind, folder, weight = parse_reward_spec(spec)
         components.append((load_reward_model(kind, folder, device=args.device), weight))
-    images = _open_images(args.images, "image")
-    references = _open_images(args.ref, "reference image") or None
     breakdown = WeightedReward(components).score(images, references=references, prompts=args.prompt)
     names = list(breakdown.components)
     print("\t".join(["image", *names, "total"]))

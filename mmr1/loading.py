@@ -114,6 +114,22 @@ def load_model(
     return mm
 
 
+TRAINING_RECORD = "mmr1_training.json"  # what training/ writes beside every checkpoint it exports
+
+
+def trained_subject_source(folder: str | os.PathLike) -> str | None:
+    """The visual intermediate (`subject_source`) training/ taught the checkpoint in `folder`, from its training
+    record: a model trained to draw its subject should draw it unless told otherwise. None for other checkpoints."""
+    from .xcot import SUBJECT_SOURCES
+
+    path = Path(folder) / TRAINING_RECORD
+    if not path.is_file():
+        return None
+    config = read_json(path).get("config")
+    source = config.get("subject_source") if isinstance(config, dict) else None
+    return source if source in SUBJECT_SOURCES else None
+
+
 def _check_folder(folder: str | os.PathLike) -> Path:
     path = Path(folder).expanduser()
     if not path.exists():

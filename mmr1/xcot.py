@@ -13,6 +13,7 @@ and `Grounding.with_reasoning` re-parses the edit.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -26,6 +27,7 @@ from .sampling import CancelCheck, Modality, ProgressCallback, SamplingSettings,
 SUBJECT_SOURCES = ("reference", "none", "generate")  # node option order is a contract: append only
 SUBJECT_SETTINGS = SamplingSettings()  # how `generate` draws the subject image unless told otherwise
 _TAG = r"<{0}>(.*?)(?:</{0}>|$)"
+STREAM_EVERY = 4  # reasoning tokens between two `stream` calls: a live view without decoding every token
 
 
 @dataclass(frozen=True)
@@ -164,7 +166,7 @@ def ground(mm, references: list[Image.Image], prompt: str, masks: list | None = 
     """Stage 1 and 2 of X-CoT for one subject: the references are cropped to their masks (see
     `prepare_references`), then the model reads them and writes the reasoning and, under `subject_source`
     'generate', draws the subject image; `options` are ground_batch's (max_new_tokens, temperature, top_p, seed,
-    subject_source, progress, cancel, synced, subject_settings)."""
+    subject_source, progress, cancel, synced, subject_settings, stream)."""
     return ground_batch(mm, [prepare_references(references, masks)], [prompt], **options)[0]
 
 
@@ -182,12 +184,14 @@ def ground_batch(
     cancel: CancelCheck | None = None,
     synced: bool = False,
     subject_settings: SamplingSettings = SUBJECT_SETTINGS,
+    stream: Callable[[list[str]], None] | None = None,
 ) -> list[Grounding]:
     """Grounding of several subjects in one batch (prepared RGB references per subject): the model reads each
     subject's references and writes the reasoning, then (`subject_source` 'generate') draws the subject image
     with `subject_settings`. Subject i is seeded seed + i, as it would be grounded alone with seed + i.
 
-    `synced`: every process of a sharded (FSDP, ZeRO-3) model steps until all have stopped (see sample_tokens)."""
+    `synced`: every process of a sharded (FSDP, ZeRO-3) model steps until all have stopped (see sample_tokens).
+    `stream`: sees each subject's reasoning so far, every STREAM_EVERY tokens while it is written (a live view)."""
     if max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
     check_subject_source(subject_source)  # before the reasoning is sampled, not after
@@ -197,6 +201,13 @@ def ground_batch(
     sequences = [build_sequence(mm, prompt, refs, stage="ground") for prompt, refs in zip(prompts, references)]
     for sequence in sequences:
         check_fits(mm, sequence, max_new_tokens)
+    text_progress = progress
+    if stream is not None:
+        def text_progress(done: int, total: int, tokens: torch.Tensor) -> None:
+            if progress is not None:
+                progress(done, total, tokens)
+            if done % STREAM_EVERY == 0:
+                stream([mm.tokenizer.decode(row[:done], skip_special_tokens=True) for row in tokens])
     sampled = sample_tokens(
         mm,
         batch_prefix(mm, [embed_sequence(mm, sequence) for sequence in sequences]),
@@ -206,12 +217,14 @@ def ground_batch(
         seed,
         stop_tokens=reasoning_stop_tokens(mm),
         pad_token=mm.tokens.pad,
-        progress=progress,
+        progress=text_progress,
         cancel=cancel,
         synced=synced,
     )
     texts = [mm.tokenizer.decode(row[: int(length)], skip_special_tokens=True).strip()
              for row, length in zip(sampled.tokens, sampled.lengths)]
+    if stream is not None:
+        stream(texts)
     drawn = None
     if subject_source == "generate":
         drawn = draw_subjects(mm, prompts, references, texts, subject_settings, seed, progress, cancel)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from ..mmr1.loading import ATTENTION_IMPLEMENTATIONS, DTYPES
 from . import paths
 from .runtime import OFFLOAD_POLICIES, manage
 from .types import CATEGORY, MMR1Model
@@ -29,13 +30,13 @@ class LoadMMR1Model(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "dtype",
-                    options=["auto", "bf16", "fp16", "fp32"],
+                    options=list(DTYPES),
                     default="auto",
                     tooltip="auto: bf16 on GPUs that support it, fp16 on older ones, fp32 on the CPU.",
                 ),
                 io.Combo.Input(
                     "attention",
-                    options=["sdpa", "eager"],
+                    options=list(ATTENTION_IMPLEMENTATIONS),
                     default="sdpa",
                     tooltip="sdpa: PyTorch's fused attention; eager: the plain reference implementation.",
                 ),

@@ -1,4 +1,4 @@
-"""What ties mmr1 objects into ComfyUI's runtime: model management, progress bars with previews, interrupts.
+"""What ties mmr1 objects into ComfyUI's runtime: model management, progress bars with previews and text, interrupts.
 
 A loaded model lives in an `MMR1Handle` whose `ModelPatcher` ComfyUI's model management moves between the load
 and offload devices; "Unload models" and POST /free unload it like any core model, and once ComfyUI's cache
@@ -103,6 +103,15 @@ def unload(handle: MMR1Handle) -> None:
             loaded_models[index].model_unload()
             loaded_models.pop(index)
     model_management.soft_empty_cache()
+
+
+def show_text(node_id: str | None, text: str) -> None:
+    """Text on the node while it runs (ComfyUI's progress text), such as the reasoning as it is written."""
+    from server import PromptServer
+
+    server = PromptServer.instance
+    if node_id is not None and server is not None:
+        server.send_progress_text(text, node_id, server.client_id)  # to the client whose prompt runs, as progress
 
 
 class TokenProgress:

@@ -7,7 +7,7 @@ from comfy_api.latest import io, ui
 
 from ..mmr1.sampling import SEEDS
 from ..mmr1.xcot import SUBJECT_SOURCES
-from .runtime import TokenProgress, use_models
+from .runtime import TokenProgress, show_text, use_models
 from .types import CATEGORY, MMR1Model, MMR1Subject
 
 SEED_MAX = SEEDS.high  # the sampler's largest seed: a larger one would wrap onto another's pixels
@@ -59,16 +59,20 @@ class SubjectGroundingXCoT(io.ComfyNode):
                 temperature: float, seed: int, subject_tokens: str, masks: torch.Tensor | None = None) -> io.NodeOutput:
         from ..mmr1.xcot import ground
 
+        node_id = cls.hidden.unique_id
         with use_models(mmr1_model) as (mm,):
             grounding = ground(
                 mm, reference_images, prompt, masks=masks, max_new_tokens=max_new_tokens, temperature=temperature,
-                seed=seed, subject_source=subject_tokens, progress=TokenProgress(cls.hidden.unique_id),
+                seed=seed, subject_source=subject_tokens, progress=TokenProgress(node_id),
+                stream=lambda texts: show_text(node_id, texts[0]),
             )
             subject_image = grounding.subject_image
             if subject_image is None:
                 subject_image = torch.zeros(1, mm.image_size, mm.image_size, 3)
-        return io.NodeOutput(grounding, grounding.reasoning, grounding.rewritten_prompt, subject_image,
-                             ui=ui.PreviewText(grounding.reasoning))
+        shown = ui.PreviewText(grounding.reasoning).as_dict()
+        if grounding.subject_image is not None:  # the drawn subject (generate) or the reference crop
+            shown.update(ui.PreviewImage(grounding.subject_image, cls=cls).as_dict())
+        return io.NodeOutput(grounding, grounding.reasoning, grounding.rewritten_prompt, subject_image, ui=shown)
 
 
 class PersonalizedGenerate(io.ComfyNode):
@@ -111,6 +115,7 @@ class PersonalizedGenerate(io.ComfyNode):
                 subject_image: torch.Tensor | None = None) -> io.NodeOutput:
         from ..mmr1.errors import InputError
         from ..mmr1.generation import generate
+        from ..mmr1.meter import metered
         from ..mmr1.sampling import SamplingSettings
 
         prompt = prompt if prompt.strip() or subject is None else subject.prompt
@@ -125,8 +130,9 @@ class PersonalizedGenerate(io.ComfyNode):
             progress = TokenProgress(
                 cls.hidden.unique_id, preview=lambda tokens: _preview(mm, tokens), preview_every=mm.image_grid
             )
-            result = generate(mm, prompt, subject, reasoning, batch_size, settings, seed, progress=progress)
-        return io.NodeOutput(result.images)
+            with metered(mm.device) as meter:
+                result = generate(mm, prompt, subject, reasoning, batch_size, settings, seed, progress=progress)
+        return io.NodeOutput(result.images, ui=ui.PreviewText(meter.describe(batch_size)))
 
 
 def _preview(mm, tokens: torch.Tensor):

@@ -26,6 +26,8 @@ from pickle import UnpicklingError
 
 import torch
 
+from mmr1.loading import TRAINING_RECORD
+
 from .config import ConfigError
 
 try:
@@ -33,7 +35,6 @@ try:
 except ImportError:  # Windows: no flock
     fcntl = None
 
-TRAINING_RECORD = "mmr1_training.json"
 CODE_FREE_SUFFIXES = (".safetensors", ".json")
 MARKER = "mmr1_run.json"  # written at a run's start: the folder is a run of this kit, of the recipe it names
 LOCK = "mmr1_run.lock"  # flock'ed by the run writing into the folder; never deleted (see FolderLock)

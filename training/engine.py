@@ -62,6 +62,17 @@ CHECKPOINT_NAME = re.compile(r"step-(\d{6,})")
 LEFTOVERS_IN_CHECKPOINTS, LEFTOVERS_IN_OUTPUT = r"step-\d{6,}", r"final|metrics\.jsonl|mmr1_run\.json"
 TRAINING_SEEDS = Range(0, 2**32 - 1, note="accelerate's set_seed seeds numpy, which takes 32 bits")
 DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu", "npu")  # accelerate gives each process its index
+LR_SCHEDULER_TYPES = ("constant", "cosine")  # transformers' / TRL's lr_scheduler_type names
+
+
+def learning_rate_factor(step: int, warmup_steps: int, steps: int, scheduler_type: str) -> float:
+    """The peak learning rate's multiplier after `step` optimizer steps: linear warmup, then constant or cosine."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if scheduler_type == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, steps - warmup_steps))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 @dataclass(frozen=True)
@@ -72,8 +83,11 @@ class RunConfig:
     data: Path = knob(None, "JSONL records; see training/data.py")
     output_dir: Path = knob(Path("runs/train"), "checkpoints, metrics.jsonl, samples and curves.png go here")
     steps: int = knob(100, "optimizer steps", within=AT_LEAST_ONE)
-    learning_rate: float = knob(1e-5, "AdamW learning rate (constant after warmup)", within=AT_LEAST_ZERO)
+    learning_rate: float = knob(1e-5, "AdamW peak learning rate", within=AT_LEAST_ZERO)
     warmup_steps: int = knob(0, "linear learning-rate warmup steps", within=AT_LEAST_ZERO)
+    lr_scheduler_type: str = knob("constant", "learning rate after warmup: constant, or cosine (half a cosine down to "
+                                              "0 at the last step, as transformers' cosine schedule; it follows "
+                                              "`steps`)", choices=LR_SCHEDULER_TYPES)
     weight_decay: float = knob(0.0, "AdamW weight decay", within=AT_LEAST_ZERO)
     max_grad_norm: float = knob(1.0, "gradient clipping norm (0 disables)", within=Range(0.0, note="0 disables"))
     lora_rank: int = knob(0, "LoRA rank on the language model's projections (0: full fine-tune)", within=AT_LEAST_ZERO)
@@ -366,7 +380,7 @@ class Run:
         # Not prepared: accelerate would step a prepared scheduler once per process. Nor registered for accelerate's
         # checkpoints, which unpickle with weights_only=False: its state goes into trainer_state.json.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / max(config.warmup_steps, 1))
+            optimizer, lambda step: learning_rate_factor(step, config.warmup_steps, config.steps, config.lr_scheduler_type)
         )
         if engine_kind(self.accelerator).startswith("zero"):
             plugin = self.accelerator.state.deepspeed_plugin

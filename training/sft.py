@@ -15,7 +15,10 @@ drown 50 reasoning tokens. With probability
 `unconditional_prob` an example's image segment sees the unconditional (padded) context instead, which keeps
 classifier-free guidance meaningful. With probability `reasoning_drop_prob` it sees the references without
 the reasoning (and has no text loss), so the same model can also generate straight from references: the
-baseline that the world evaluation compares X-CoT against.
+baseline that the world evaluation compares X-CoT against. With probability `reference_drop_prob` a whole
+micro-batch is drawn without its references: the prompt alone, the true reasoning, the subject and the image
+(Janus's own text-to-image turn, about half as long), so the generator learns from the reasoning at about half
+the cost; no reasoning is taught without the references it describes.
 
     python -m training.sft --config training/configs/sft.toml
 """
@@ -46,7 +49,7 @@ from .policy import make_policy
 class SFTConfig(RunConfig):
     output_dir: Path = knob(Path("runs/sft"), "checkpoints, metrics.jsonl and curves.png go here")
     steps: int = knob(200, "optimizer steps")
-    learning_rate: float = knob(1e-4, "AdamW learning rate (constant after warmup)")
+    learning_rate: float = knob(1e-4, "AdamW peak learning rate")
     warmup_steps: int = knob(10, "linear learning-rate warmup steps")
     log_every: int = knob(10, "steps between metrics lines")
     batch_size: int = knob(4, "records per micro-batch and process", within=AT_LEAST_ONE)
@@ -58,6 +61,9 @@ class SFTConfig(RunConfig):
     unconditional_prob: float = knob(0.1, "probability that an example's image segment sees the padded context",
                                      within=PROBABILITY)
     reasoning_drop_prob: float = knob(0.0, "probability that an example is drawn from references without reasoning",
+                                      within=PROBABILITY)
+    reference_drop_prob: float = knob(0.0, "probability that a micro-batch is drawn without references (prompt, "
+                                           "reasoning, subject, image; no text loss): shorter rows for the generator",
                                       within=PROBABILITY)
 
     def __post_init__(self) -> None:
@@ -73,7 +79,17 @@ class Example:
     text_end: int  # last position of it: the <begin_of_image> that ends the reasoning
     target_tokens: torch.Tensor  # [T] VQ tokens of the target image
     without_reasoning: PromptSequence  # the same chain with the reasoning left out (no text loss)
-    subject_start: int | None = None  # first VQ slot of the subject image, when the model learns to draw it
+    without_references: PromptSequence  # the prompt alone, the reasoning and the subject (no text loss)
+    draws_subject: bool = False  # the model learns to draw the subject image (subject_source = generate)
+
+    @property
+    def subject_start(self) -> int | None:
+        """First VQ slot of the subject image in the chain, when the model learns to draw it."""
+        return subject_slot(self.sequence) if self.draws_subject else None
+
+
+def subject_slot(sequence: PromptSequence) -> int:
+    return int((sequence.slot_kinds == VQ_IMAGE).nonzero()[0])
 
 
 def prepare_example(mm, record: Record, subject_source: str) -> Example:
@@ -87,11 +103,12 @@ def prepare_example(mm, record: Record, subject_source: str) -> Example:
     after = sequence.input_ids[len(grounding):]
     text_end = len(grounding) + int((after == mm.tokens.begin_of_image).nonzero()[0])
     target_tokens = mm.encode_image_tokens([record.load_target()])[0].cpu()
-    without = build_sequence(mm, record.prompt, references, reasoning="", subject_tokens=subject_tokens)
-    subject_start = None
-    if subject_source == "generate":
-        subject_start = int((sequence.slot_kinds == VQ_IMAGE).nonzero()[0])
-    return Example(sequence, len(grounding), text_end, target_tokens, without, subject_start)
+    # without reasoning the chain draws no subject image either: the drawn subject is a product of the reasoning
+    bare_subject = None if subject_source == "generate" else subject_tokens
+    without = build_sequence(mm, record.prompt, references, reasoning="", subject_tokens=bare_subject)
+    unreferenced = build_sequence(mm, record.prompt, reasoning=record.reasoning, subject_tokens=subject_tokens)
+    return Example(sequence, len(grounding), text_end, target_tokens, without, unreferenced,
+                   draws_subject=subject_source == "generate")
 
 
 def sft_loss(
@@ -102,16 +119,20 @@ def sft_loss(
     image_weight: float,
     no_reasoning: list[bool] | None = None,
     subject_weight: float = 1.0,
+    no_references: list[bool] | None = None,
 ):
     """Weighted per-segment mean cross-entropies; returns (loss, text loss, image loss, subject loss) as tensors
     (a segment without tokens in the batch has loss 0).
 
     `unconditional[i]`: example i's image sees the padded context; `no_reasoning[i]`: it sees the references
-    without reasoning. Either way it has no text or subject loss."""
+    without reasoning. Either way it has no text or subject loss. `no_references[i]`: it sees the prompt alone
+    with the reasoning (no text loss; the subject segment is taught)."""
     no_reasoning = no_reasoning or [False] * len(examples)
+    no_references = no_references or [False] * len(examples)
     rows, sequences = [], []
-    for example, drop, bare in zip(examples, unconditional, no_reasoning):
-        sequences.append(example.without_reasoning if bare else example.sequence)
+    for example, drop, bare, unreferenced in zip(examples, unconditional, no_reasoning, no_references):
+        sequences.append(example.without_references if unreferenced else
+                         example.without_reasoning if bare else example.sequence)
         context = embed_sequence(mm, sequences[-1], unconditional=drop)
         rows.append(torch.cat([context, mm.embed_image_tokens(example.target_tokens[:-1]).to(context.dtype)]))
     prefix = batch_prefix(mm, rows)
@@ -120,18 +141,20 @@ def sft_loss(
         use_cache=False,
     ).last_hidden_state
     text_hidden, text_labels, image_hidden, image_labels, subject_hidden, subject_labels = [], [], [], [], [], []
-    for row, (example, drop, bare, embeds) in enumerate(zip(examples, unconditional, no_reasoning, rows)):
+    for row, (example, drop, bare, unreferenced, embeds) in enumerate(
+            zip(examples, unconditional, no_reasoning, no_references, rows)):
+        sequence = sequences[row]
         offset = hidden.shape[1] - embeds.shape[0]
-        context_length = len(sequences[row])
-        if not drop and not bare:
+        context_length = len(sequence)
+        if not drop and not bare and not unreferenced:
             positions = torch.arange(example.text_start, example.text_end + 1)
             text_hidden.append(hidden[row, offset + positions - 1])
             text_labels.append(example.sequence.input_ids[positions])
-            if example.subject_start is not None:
-                tokens = example.sequence.subject_tokens[0]
-                positions = torch.arange(example.subject_start, example.subject_start + len(tokens))
-                subject_hidden.append(hidden[row, offset + positions - 1])
-                subject_labels.append(tokens)
+        if not drop and not bare and example.draws_subject:
+            tokens = sequence.subject_tokens[0]
+            positions = torch.arange(subject_slot(sequence), subject_slot(sequence) + len(tokens))
+            subject_hidden.append(hidden[row, offset + positions - 1])
+            subject_labels.append(tokens)
         image_hidden.append(hidden[row, offset + context_length - 1 : offset + context_length - 1 + len(example.target_tokens)])
         image_labels.append(example.target_tokens)
     device = hidden.device
@@ -181,8 +204,9 @@ def train(config: SFTConfig) -> Path:
     mm = load_model(config.model, dtype="fp32", device=run.device)  # fp32 master weights; bf16 is autocast
     examples = [prepare_example(mm, record, config.subject_source) for record in records]
     policy = make_policy(mm, config.model, config.lora, with_reference=False)
-    objective = run.prepare(policy, lambda batch, unconditional, no_reasoning: sft_loss(
-        mm, batch, unconditional, config.text_weight, config.image_weight, no_reasoning, config.subject_weight))
+    objective = run.prepare(policy, lambda batch, unconditional, no_reasoning, no_references: sft_loss(
+        mm, batch, unconditional, config.text_weight, config.image_weight, no_reasoning, config.subject_weight,
+        no_references))
     order = RecordOrder(len(examples), config.seed)
     start = run.resume(order)
     mm.model.train()
@@ -196,8 +220,13 @@ def train(config: SFTConfig) -> Path:
                 draws = random.Random(f"{config.seed}-{step}-{micro}-{run.process_index}")
                 unconditional = [draws.random() < config.unconditional_prob for _ in indices]
                 no_reasoning = [draws.random() < config.reasoning_drop_prob for _ in indices]
+                if draws.random() < config.reference_drop_prob:  # a whole micro-batch: its rows are all short
+                    no_reasoning, no_references = [False] * len(indices), [True] * len(indices)
+                else:
+                    no_references = [False] * len(indices)
                 with run.micro_step(last=micro == config.gradient_accumulation - 1):
-                    losses = objective([examples[index] for index in indices], unconditional, no_reasoning)
+                    losses = objective([examples[index] for index in indices], unconditional, no_reasoning,
+                                       no_references)
                     run.backward(losses[0] / config.gradient_accumulation)
                 totals += torch.stack([loss.detach().float().cpu() for loss in losses]) / config.gradient_accumulation
             run.check_loss(step, float(totals[0]))

@@ -213,6 +213,29 @@ def test_generate_subject_source_writes_the_drawn_subject(tiny_hf_dir, tmp_path,
     assert not np.array_equal(pixels(tmp_path / "g" / "subject.png")[:40, :40], pixels(Path(ref_png))[:40, :40])
 
 
+def test_the_subject_source_defaults_to_what_training_taught_the_model(tiny_hf_dir, tmp_path, ref_png, capsys):
+    """A checkpoint whose mmr1_training.json says subject_source 'generate' draws its subject unless --subject says
+    otherwise; a checkpoint without the record (or with a source this version lacks) uses the reference."""
+    import shutil
+
+    model = tmp_path / "trained"
+    shutil.copytree(tiny_hf_dir, model)
+
+    def source(*extra) -> str:
+        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+        code, _, err = run(["generate", "--model", model, "--ref", ref_png, "--prompt", PROMPT, *FAST, *extra,
+                            "--out", out], capsys)
+        assert code == 0, err
+        return json.loads((out / "mmr1_generation.json").read_text())["grounding"]["settings"]["subject_source"]
+
+    assert source() == "reference"
+    (model / "mmr1_training.json").write_text(json.dumps({"recipe": "sft", "config": {"subject_source": "drawn"}}))
+    assert source() == "reference"
+    (model / "mmr1_training.json").write_text(json.dumps({"recipe": "sft", "config": {"subject_source": "generate"}}))
+    assert source() == "generate"
+    assert source("--subject", "none") == "none"
+
+
 def test_reasoning_override_and_no_reasoning_change_the_images(sensitive_dir, tmp_path, ref_png, capsys):
     base = ["generate", "--model", sensitive_dir, "--ref", ref_png, "--prompt", PROMPT, *FAST, "--seed", "3"]
     edited = "<think>look</think><subject>a red square toy</subject><scene>the toy on a beach at night</scene>"
@@ -359,6 +382,27 @@ def test_error_reference_not_an_image(tiny_hf_dir, tmp_path, capsys):
                   capsys, "Cannot read reference image", str(fake))
     missing = tmp_path / "missing.png"
     _expect_error(["ground", "--model", tiny_hf_dir, "--ref", missing, "--prompt", PROMPT], capsys, str(missing))
+
+
+def test_a_decompression_bomb_is_refused_by_generate_and_score_before_a_model_loads(tmp_path, ref_png, capsys,
+                                                                                    monkeypatch):
+    """A 30000 x 30000 PNG of a few dozen bytes, as a reference, a mask or an image to score: one error line naming
+    it, exit 2, and no model or reward model is loaded for it."""
+    from tests.mmr1.test_images import _png_header_only
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model loaded before the images were read")
+
+    monkeypatch.setattr("mmr1.loading.load_model", refuse)
+    monkeypatch.setattr("mmr1.rewards.load_reward_model", refuse)
+    bomb = tmp_path / "bomb.png"
+    _png_header_only(bomb, 30000, 30000)
+    for argv in (["generate", "--ref", bomb, "--prompt", PROMPT, "--out", tmp_path / "o"],
+                 ["generate", "--ref", ref_png, "--mask", bomb, "--prompt", PROMPT, "--out", tmp_path / "o"],
+                 ["ground", "--ref", bomb, "--prompt", PROMPT],
+                 ["score", "--images", bomb, "--ref", ref_png, "--prompt", PROMPT, "--reward", "dino=nowhere"],
+                 ["score", "--images", ref_png, "--ref", bomb, "--prompt", PROMPT, "--reward", "dino=nowhere"]):
+        _expect_error(argv, capsys, str(bomb), "decompression bomb")
 
 
 def test_error_mask_of_another_size(tiny_hf_dir, tmp_path, ref_png, capsys):

@@ -318,8 +318,12 @@ def test_missing_config(folders, tmp_path):
     with pytest.raises(ModelFolderError, match=f"{re.escape(str(folder))} has no config.json"):
         load_reward_model("dino", folder)
     (folder / "config.json").write_text("{not json")
-    with pytest.raises(ModelFolderError, match=f"Cannot read {re.escape(str(folder / 'config.json'))}"):
+    with pytest.raises(ModelFolderError, match=f"{re.escape(str(folder / 'config.json'))} is not readable JSON"):
         load_reward_model("dino", folder)
+    for content, kind in (("[1, 2]", "list"), ("3", "number")):  # read as the Janus loader reads its configs
+        (folder / "config.json").write_text(content)
+        with pytest.raises(ModelFolderError, match=f"config.json holds a JSON {kind}, not an object"):
+            load_reward_model("dino", folder)
 
 
 @pytest.mark.parametrize(

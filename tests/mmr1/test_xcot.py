@@ -241,6 +241,16 @@ def test_ground_same_seed_same_reasoning(tiny_model, grounded):
     torch.testing.assert_close(again.subject_tokens, grounded.subject_tokens)
 
 
+def test_the_reasoning_streams_while_it_is_written_and_sampling_is_unchanged(tiny_model, grounded):
+    seen: list[list[str]] = []
+    again = ground(tiny_model, [subject_image()], PROMPT, masks=[_box_mask()], max_new_tokens=TOKENS, seed=0,
+                   stream=seen.append)
+    assert again.reasoning == grounded.reasoning  # watching does not change what is sampled
+    texts = [batch[0] for batch in seen]
+    assert len(texts) >= 2 and texts[-1] == grounded.reasoning
+    assert all(later.strip().startswith(earlier.strip()) for earlier, later in zip(texts, texts[1:]))
+
+
 def test_ground_other_seed_other_reasoning(tiny_model, grounded):
     others = []
     for seed in (1, 2, 3, 4):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import io
 import json
+import re
+import struct
 import threading
 import time
 import uuid
@@ -29,6 +31,8 @@ from tests.nodes.comfy_server import (
     load_workflow,
 )
 from tests.conftest import CONTROL_TOKEN_TEXT
+
+BINARY_TEXT = 3  # ComfyUI's protocol.BinaryEventTypes.TEXT: a node's progress text
 
 NODE_IDS = {
     "MMR1LoadModel": "Load MMR1 Model",
@@ -112,18 +116,17 @@ def test_personalized_generation(comfy):
 def test_the_subject_image_is_shown_drawn_or_swapped(comfy):
     """Grounding shows its visual intermediate; under 'generate' the model draws it; Personalized Generate's
     subject_image swaps it, and swapping in the reference itself is exactly the 'reference' chain."""
-    given = comfy.run(personalized())
+    given_workflow = personalized()
+    given_workflow["3"]["inputs"]["subject_tokens"] = "reference"
+    given = comfy.run(given_workflow)
     (crop,) = images_of(comfy, given, "24")  # the reference itself, shown by Preview Image
-    drawn_workflow = personalized()
-    drawn_workflow["3"]["inputs"]["subject_tokens"] = "generate"
-    drawn = comfy.run(drawn_workflow)
+    drawn = comfy.run(personalized())  # the workflow's own choice: the model draws the subject
+    assert personalized()["3"]["inputs"]["subject_tokens"] == "generate"
     assert drawn["status"]["status_str"] == "success", comfy.log_tail()
     (subject,) = images_of(comfy, drawn, "24")
     assert subject.shape == (WORKFLOW_IMAGE_SIZE, WORKFLOW_IMAGE_SIZE, 3) and subject.std() > 5
     assert subject.shape != crop.shape or not np.array_equal(subject, crop)
-    swapped_workflow = personalized(subject_image=["2", 0])
-    swapped_workflow["3"]["inputs"]["subject_tokens"] = "generate"
-    swapped = comfy.run(swapped_workflow)
+    swapped = comfy.run(personalized(subject_image=["2", 0]))
     assert swapped["status"]["status_str"] == "success", comfy.log_tail()
     for image, reference in zip(images_of(comfy, swapped, "5"), images_of(comfy, given, "5")):
         np.testing.assert_array_equal(image, reference)
@@ -168,12 +171,14 @@ def test_same_seed_same_images_and_the_model_is_reused(comfy):
 
 
 class Listener:
-    """Collects websocket messages of one client in a thread (binary frames are preview images)."""
+    """Collects websocket messages of one client in a thread: JSON messages, progress texts (node, text) and a
+    count of preview images (the other binary frames)."""
 
     def __init__(self, server):
         self.client_id = uuid.uuid4().hex
         self.messages: list[dict] = []
         self.previews = 0
+        self.texts: list[tuple[str, str]] = []
         self.socket = websocket.create_connection(
             server.url.replace("http", "ws") + f"/ws?clientId={self.client_id}", timeout=120
         )
@@ -184,7 +189,10 @@ class Listener:
         try:
             while True:
                 opcode, data = self.socket.recv_data()
-                if opcode == websocket.ABNF.OPCODE_BINARY:
+                if opcode == websocket.ABNF.OPCODE_BINARY and struct.unpack(">I", data[:4])[0] == BINARY_TEXT:
+                    length = struct.unpack(">I", data[4:8])[0]
+                    self.texts.append((data[8 : 8 + length].decode(), data[8 + length :].decode()))
+                elif opcode == websocket.ABNF.OPCODE_BINARY:
                     self.previews += 1
                 elif opcode == websocket.ABNF.OPCODE_TEXT:
                     self.messages.append(json.loads(data))
@@ -228,7 +236,16 @@ def test_progress_arrives_per_token_over_the_websocket(comfy):
         grounding = [m["data"] for m in listener.messages if m["type"] == "progress" and m["data"]["node"] == "3"]
         assert grounding and grounding[0]["value"] == 1
         executed = [m["data"] for m in listener.messages if m["type"] == "executed" and m["data"]["node"] == "3"]
-        assert executed and executed[0]["output"]["text"][0]
+        reasoning = executed[0]["output"]["text"][0]
+        assert reasoning
+        # the reasoning appears on the grounding node while it is written: growing prefixes, ending with the whole
+        streamed = [text for node, text in listener.texts if node == "3"]
+        assert len(streamed) >= 2 and streamed[-1] == reasoning
+        assert all(later.strip().startswith(earlier.strip()) for earlier, later in zip(streamed, streamed[1:]))
+        assert executed[0]["output"]["images"]  # the subject image previews on the grounding node
+        generated = [m["data"] for m in listener.messages if m["type"] == "executed" and m["data"]["node"] == "4"]
+        assert re.fullmatch(r"[\d.]+ s/image \(1 image in [\d.]+ s\), peak [\d.]+ GiB of .+",
+                            generated[0]["output"]["text"][0])
     finally:
         listener.close()
 
@@ -305,8 +322,9 @@ def test_best_of_n(comfy):
     assert len(rows) == 1 + 4 and rows[0].split()[:2] == ["rank", "image"]
     totals = [float(row.split()[-1]) for row in rows[1:]]
     assert totals == sorted(totals, reverse=True)
-    saved = [output["images"] for output in outputs.values() if output.get("images")]
+    saved = [output["images"] for node, output in outputs.items() if output.get("images") and node != "3"]
     assert sorted(len(images) for images in saved) == [1, 4]  # the top image saved, all four previewed
+    assert len(outputs["3"]["images"]) == 1  # and the grounding node previews its subject image
 
 
 def test_control_token_strings_in_the_nodes_strings_are_text(comfy):

@@ -131,7 +131,7 @@ def test_a_recipe_that_changes_a_default_keeps_the_knobs_range_and_help_lists_it
     with pytest.raises(SystemExit):
         main(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "(constant after warmup) (default: 0.0001; a finite number >= 0)" in help_text
+    assert "AdamW peak learning rate (default: 0.0001; a finite number >= 0)" in help_text
 
 
 def test_the_lora_targets_are_the_language_models_linear_modules(tiny_model):

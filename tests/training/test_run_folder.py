@@ -24,6 +24,11 @@ from training.grpo import GRPOConfig
 from training.grpo import main as grpo_main
 
 
+# The finished runs these tests resume come from subprocesses on one thread (test_engine.environment); resuming
+# in this process on other thread counts would sum in another order and could not be bit-identical.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 def copy_of(checkpointed: Path, tmp_path: Path, monkeypatch) -> Path:
     """A copy of the finished 2-step run (checkpoints at steps 1 and 2), as the current directory."""
     case = tmp_path / "case"

@@ -123,6 +123,26 @@ def test_generate_source_teaches_the_subject_image_after_the_reasoning(tiny_mode
     torch.testing.assert_close(full[0], full[1] + full[2] + full[3])
 
 
+def test_rows_without_references_teach_the_subject_and_image_from_the_reasoning_alone(tiny_model, dataset_with_subjects):
+    """reference_drop_prob's rows: Janus's text-to-image turn (no reference slots, no grounding instruction) with
+    the true reasoning; no reasoning is taught there, the drawn subject and the image are."""
+    from mmr1.prompting import UNDERSTANDING
+    from training.data import read_records
+
+    record = read_records(dataset_with_subjects, require=("subject_image",))[0]
+    example = prepare_example(tiny_model, record, "generate")
+    short, chain = example.without_references, example.sequence
+    assert not (short.slot_kinds == UNDERSTANDING).any() and len(short) < len(chain) - 20
+    torch.testing.assert_close(short.subject_tokens, chain.subject_tokens)
+    reasoning = tiny_model.tokenizer.decode(short.input_ids)
+    assert record.reasoning in reasoning and "The images show one subject" not in reasoning
+    with torch.no_grad():
+        unreferenced = sft_loss(tiny_model, [example], [False], 1.0, 1.0, [False], 1.0, [True])
+        full = sft_loss(tiny_model, [example], [False], 1.0, 1.0)
+    assert unreferenced[1] == 0 and unreferenced[3] > 0 and unreferenced[2] > 0
+    assert not torch.isclose(unreferenced[2], full[2])  # the image saw another context
+
+
 def test_sft_under_generate_needs_subject_images_and_lowers_the_subject_loss(dataset, dataset_with_subjects,
                                                                                tiny_hf_dir, tmp_path):
     from mmr1.errors import InputError
@@ -135,6 +155,27 @@ def test_sft_under_generate_needs_subject_images_and_lowers_the_subject_loss(dat
     train(build_config(SFTConfig, {**values, "data": str(dataset_with_subjects)}))
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["subject_loss"] < 0.4 * lines[0]["subject_loss"]  # 2.58 / 5.69 after 30 steps
+
+
+def test_a_corrupt_image_stops_sft_before_the_model_loads(dataset, tmp_path, monkeypatch, capsys):
+    """Every record's images are decoded when the data is read: a truncated target ends the command with one
+    error line naming the file and its line, before a model loads or a step runs (issue 16, item 12)."""
+    import shutil
+
+    from tests.training.test_config import error_line
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model loaded before the data was checked")
+
+    monkeypatch.setattr("mmr1.loading.load_model", refuse)
+    folder = tmp_path / "data"
+    shutil.copytree(dataset.parent, folder)
+    target = folder / "blue_target.png"
+    target.write_bytes(target.read_bytes()[:60])  # the header intact: it opens, and cannot decode
+    line = error_line(main, ["--model", "m", "--data", str(folder / dataset.name),
+                             "--output_dir", str(tmp_path / "run")], capsys)
+    assert str(target) in line and "line 3" in line
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_sft_overfits_a_handful_of_samples(dataset, tiny_hf_dir, tmp_path):

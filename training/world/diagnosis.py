@@ -107,7 +107,7 @@ def judged(name: str, judge, images: torch.Tensor, tasks: list[Example], subject
 
 
 def targets(tasks: list[Example]) -> torch.Tensor:
-    """[tasks, 64, 64, 3] float 0..1: each task's target render."""
+    """[tasks, IMAGE_SIZE, IMAGE_SIZE, 3] float 0..1: each task's target render."""
     return torch.stack([torch.from_numpy(np.array(task.target())) for task in tasks]).float() / 255
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -96,7 +96,10 @@ def diagnose_sft(mm, judge, tasks: list[Example], seed: int, settings: SamplingS
         chains = [Grounding(prompt, truth, "", "", True, refs, subject)
                   for prompt, truth, refs, subject in zip(prompts, truths, references, subjects)]
         with_references.append(generate_chains(mm, prompts, chains, None, settings, chunk_seed).images)
-        bare.append(generate_chains(mm, prompts, [None] * len(chunk), truths, settings, chunk_seed).images)
+        # without references: the true reasoning, and under 'generate' the true subject image it leads to (the
+        # chain's next image; without it the model would draw the subject alone where the scene belongs)
+        bare_chains = [replace(chain, references=[]) if subject_source == "generate" else None for chain in chains]
+        bare.append(generate_chains(mm, prompts, bare_chains, truths, settings, chunk_seed).images)
     measures = [grounding_measure(reasonings, tasks),
                 judged(TRUE_REASONING, judge, torch.cat(with_references), tasks),
                 judged(TRUE_REASONING_BARE, judge, torch.cat(bare), tasks)]

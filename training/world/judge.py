@@ -44,13 +44,13 @@ class AttributeJudge(nn.Module):
         self.width = width
 
     def forward(self, pixels: torch.Tensor) -> list[torch.Tensor]:
-        """Logits per attribute (ATTRIBUTES order) of pixels [N, 3, 64, 64] in -1..1."""
+        """Logits per attribute (ATTRIBUTES order) of pixels [N, 3, IMAGE_SIZE, IMAGE_SIZE] in -1..1."""
         logits = self.classifier(self.features(pixels))
         return list(logits.split([len(ATTRIBUTE_VALUES[name]) for name in ATTRIBUTES], dim=1))
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> list[dict[str, str]]:
-        """Attribute values of images [N, H, W, 3] float 0..1 (the ComfyUI/mmr1 layout), resized to 64 if needed."""
+        """Attribute values of images [N, H, W, 3] float 0..1 (the ComfyUI/mmr1 layout), resized to IMAGE_SIZE if needed."""
         pixels = images.permute(0, 3, 1, 2).float() * 2 - 1
         if pixels.shape[-1] != IMAGE_SIZE:
             pixels = F.interpolate(pixels, size=(IMAGE_SIZE, IMAGE_SIZE), mode="area")

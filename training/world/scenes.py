@@ -5,12 +5,15 @@ so a model trained here can be measured (judge.py reads the labels back from gen
 
 - A **subject** is (shape, body colour, pattern, pattern colour): 6 x 8 x 4 x 7 = 1,344 combinations. A fixed
   tenth of them (`HELD_OUT`, by seed) is never used for training; evaluation uses only those.
-- A **scene** is (background, position, size) plus small jitter and background texture: what the prompt says.
+- A **scene** is (background, position, size): what the prompt says. Subjects sit at centres on the VQ's token
+  grid (multiples of 4 pixels), without jitter, so a subject of one size is the same tokens shifted by whole
+  tokens wherever it stands, and a large one is drawn at the subject image's scale: a tiny generator learns
+  one drawing per subject and size instead of one per sub-token offset.
 - A subject's **references** show it in other scenes than the target.
 - A subject's **subject image** (`render_subject`) shows it alone: centred, large, on a plain backdrop, the
   visual intermediate the model learns to draw after its reasoning (subject_source = "generate").
 
-Everything is deterministic by seed: `render(subject, scene, seed)` draws the same pixels on every machine.
+Everything is deterministic: `render(subject, scene)` draws the same pixels on every machine.
 
     python -m training.world.scenes dataset OUT_DIR --split train --records 4000 --references 2 --seed 0
 """
@@ -29,8 +32,9 @@ from PIL import Image
 from mmr1.errors import InputError, report_user_errors
 from mmr1.xcot import format_reasoning
 
-IMAGE_SIZE = 64
-_SUPERSAMPLE = 2  # drawn at 2x and box-filtered down: smooth edges without blurring patterns away
+IMAGE_SIZE = 32  # 8 x 8 VQ tokens of 4 x 4 pixels: short sequences that train and sample fast on a CPU
+_SUPERSAMPLE = 4  # drawn at 4x and box-filtered down: smooth edges without blurring patterns away
+_UNITS = 64  # the geometry below is in units of a 64-unit square, whatever IMAGE_SIZE renders it at
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "heart")
 COLOURS = {
@@ -69,8 +73,12 @@ ATTRIBUTE_VALUES = {
 HELD_OUT_FRACTION = 0.1
 HELD_OUT_SEED = 2025
 _OUTLINE = (30, 30, 30)
-_RADIUS = {"small": 12.0, "large": 19.0}  # in 64-pixel units
-_CENTRE_X = {"small": {"left": 15.0, "middle": 32.0, "right": 49.0}, "large": {"left": 21.0, "middle": 32.0, "right": 43.0}}
+_TOKEN = 8  # _UNITS per VQ token (4 pixels of 32)
+_RADIUS = {"small": 14.5, "large": 23.0}  # in _UNITS; a small one at the left or right still fits
+_CENTRE_X = {"small": {"left": 2 * _TOKEN, "middle": 4 * _TOKEN, "right": 6 * _TOKEN},
+             "large": {"left": 3 * _TOKEN, "middle": 4 * _TOKEN, "right": 5 * _TOKEN}}
+_CENTRE_Y = 4 * _TOKEN
+_OUTLINE_WIDTH = 2.5  # in _UNITS: one pixel of the 32-pixel image
 
 
 def _article(word: str) -> str:
@@ -198,78 +206,70 @@ def _shape_mask(shape: str, x: np.ndarray, y: np.ndarray, r: float) -> np.ndarra
 
 
 def _pattern_mask(pattern: str, x: np.ndarray, y: np.ndarray, r: float) -> np.ndarray:
-    """Where the pattern colour goes, in subject coordinates. Periods scale with the subject and every pattern
-    covers well under half of the body, so "body colour" stays the majority colour (the VQ and judge can tell)."""
-    period = r / 1.4
+    """Where the pattern colour goes, in subject coordinates. Periods scale with the subject (two to three per
+    body, each at least 3 pixels of a pattern line or spot at 32 pixels) and every pattern covers well under half
+    of the body, so "body colour" stays the majority colour (the VQ and judge can tell)."""
+    period = r / 1.1
     if pattern == "stripes":
         return np.mod(y + r, period) < 0.4 * period
-    if pattern == "spots":
+    if pattern == "spots":  # denser, so that several spots show (one spot alone would read as a ring's centre)
+        period = r / 1.5
         gx = np.mod(x + period / 2, period) - period / 2
         gy = np.mod(y + period / 2, period) - period / 2
         return gx**2 + gy**2 <= (0.3 * period) ** 2
     if pattern == "grid":
-        return (np.mod(x + r, period) < 0.22 * period) | (np.mod(y + r, period) < 0.22 * period)
+        return (np.mod(x + r, period) < 0.25 * period) | (np.mod(y + r, period) < 0.25 * period)
     if pattern == "ring":
-        return np.abs(np.sqrt(x**2 + y**2) - 0.5 * r) <= 0.16 * r
+        return np.abs(np.sqrt(x**2 + y**2) - 0.5 * r) <= 0.17 * r
     raise InputError(f"Unknown pattern {pattern!r}")
 
 
-def _background(kind: str, rng: np.random.Generator, size: int) -> np.ndarray:
-    """[size, size, 3] float background with its own texture."""
+def _background(kind: str, size: int) -> np.ndarray:
+    """[size, size, 3] float background (its sizes in _UNITS). Each kind is told by its colours and one regular
+    structure (the beach's horizon, the wood's boards), without random specks: noise no prompt names would take
+    the VQ's codes and the generator's loss away from the subject."""
     image = np.empty((size, size, 3), np.float32)
-    scale = size / IMAGE_SIZE
-    rows = np.arange(size)[:, None]
+    scale = size / _UNITS
+    rows = np.arange(size)
     if kind == "beach":
-        horizon = int((18 + rng.integers(-3, 4)) * scale)
+        horizon = int(18 * scale)
         image[:] = (226, 203, 152)
         image[:horizon] = (60, 125, 195)
-        image[horizon : horizon + max(1, int(2 * scale))] = (240, 240, 235)  # surf
+        image[horizon : horizon + int(2 * scale)] = (240, 240, 235)  # surf
     elif kind == "grass":
         image[:] = (82, 142, 62)
-        for _ in range(60):
-            bx, by = rng.integers(0, size, 2)
-            image[by : by + int(5 * scale), bx : bx + max(1, int(scale))] = (52, 108, 44)
     elif kind == "snow":
         image[:] = (232, 236, 243)
-        for _ in range(40):
-            bx, by = rng.integers(0, size, 2)
-            image[by : by + int(2 * scale), bx : bx + int(2 * scale)] = (196, 208, 226)
     elif kind == "night":
-        image[:] = (20, 24, 58)
-        for _ in range(14):
-            bx, by = rng.integers(0, size, 2)
-            image[by : by + max(1, int(scale)), bx : bx + max(1, int(scale))] = (250, 248, 200)
+        image[:] = (26, 34, 84)
     elif kind == "wood":
         image[:] = (152, 106, 62)
-        offset = rng.integers(0, 10)
-        image[np.mod(rows[:, 0] // max(1, int(scale)) + offset, 10) == 0] = (112, 74, 42)
+        image[np.mod(rows // int(2 * scale), 6) == 0] = (112, 74, 42)  # board edges
     else:
         raise InputError(f"Unknown background {kind!r}")
     return image
 
 
-def render(subject: Subject, scene: Scene, seed: int) -> Image.Image:
-    """The subject in the scene: a 64x64 RGB image, identical for identical arguments."""
-    rng = np.random.default_rng([seed, abs(hash_text(subject.slug())), abs(hash_text(repr(scene)))])
+def render(subject: Subject, scene: Scene) -> Image.Image:
+    """The subject in the scene: an IMAGE_SIZE x IMAGE_SIZE RGB image."""
     size = IMAGE_SIZE * _SUPERSAMPLE
-    image = _background(scene.background, rng, size)
-    radius = (_RADIUS[scene.size] + rng.uniform(-1, 1)) * _SUPERSAMPLE
-    centre_x = (_CENTRE_X[scene.size][scene.position] + rng.uniform(-2, 2)) * _SUPERSAMPLE
-    centre_y = (35 + rng.uniform(-3, 3)) * _SUPERSAMPLE
-    _draw_subject(image, subject, centre_x, centre_y, radius)
+    unit = size / _UNITS
+    image = _background(scene.background, size)
+    _draw_subject(image, subject, _CENTRE_X[scene.size][scene.position] * unit, _CENTRE_Y * unit,
+                  _RADIUS[scene.size] * unit)
     return _downsample(image)
 
 
 SUBJECT_BACKDROP = (128, 128, 128)  # no world colour, background or outline is this grey
-_SUBJECT_RADIUS = 22.0
+_SUBJECT_RADIUS = _RADIUS["large"]  # a large subject in a scene is the subject image's drawing, shifted
 
 
 def render_subject(subject: Subject) -> Image.Image:
-    """The subject alone, centred, large, on the plain grey backdrop: one canonical 64x64 image per subject."""
+    """The subject alone, centred, large, on the plain grey backdrop: one canonical image per subject."""
     size = IMAGE_SIZE * _SUPERSAMPLE
     image = np.empty((size, size, 3), np.float32)
     image[:] = SUBJECT_BACKDROP
-    _draw_subject(image, subject, size / 2, size / 2, _SUBJECT_RADIUS * _SUPERSAMPLE)
+    _draw_subject(image, subject, size / 2, size / 2, _SUBJECT_RADIUS * size / _UNITS)
     return _downsample(image)
 
 
@@ -279,7 +279,7 @@ def _draw_subject(image: np.ndarray, subject: Subject, centre_x: float, centre_y
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     x, y = xs - centre_x, ys - centre_y
     body = _shape_mask(subject.shape, x, y, radius)
-    inner = _shape_mask(subject.shape, x, y, radius - 1.6 * _SUPERSAMPLE)
+    inner = _shape_mask(subject.shape, x, y, radius - _OUTLINE_WIDTH * size / _UNITS)
     pattern = _pattern_mask(subject.pattern, x, y, radius)
     image[body] = _OUTLINE
     image[inner] = COLOURS[subject.colour]
@@ -291,14 +291,6 @@ def _downsample(image: np.ndarray) -> Image.Image:
     return Image.fromarray(np.clip(small + 0.5, 0, 255).astype(np.uint8))
 
 
-def hash_text(text: str) -> int:
-    """A stable hash (Python's own is salted per process)."""
-    value = 2166136261
-    for byte in text.encode():
-        value = ((value ^ byte) * 16777619) % 2**32
-    return value
-
-
 # --- examples and datasets -----------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -308,7 +300,6 @@ class Example:
     subject: Subject
     target_scene: Scene
     reference_scenes: tuple[Scene, ...]
-    seed: int
 
     @property
     def prompt(self) -> str:
@@ -330,10 +321,10 @@ class Example:
         return attribute_values(self.subject, self.target_scene)
 
     def target(self) -> Image.Image:
-        return render(self.subject, self.target_scene, self.seed)
+        return render(self.subject, self.target_scene)
 
     def references(self) -> list[Image.Image]:
-        return [render(self.subject, scene, self.seed + 1 + index) for index, scene in enumerate(self.reference_scenes)]
+        return [render(self.subject, scene) for scene in self.reference_scenes]
 
     def subject_image(self) -> Image.Image:
         return render_subject(self.subject)
@@ -345,7 +336,7 @@ def sample_example(subjects: list[Subject], seed: int, references: int = 2) -> E
     subject = rng.choice(subjects)
     target = rng.choice(all_scenes())
     others = [scene for scene in all_scenes() if scene.background != target.background]
-    return Example(subject, target, tuple(rng.sample(others, references)), seed=seed * 1000)
+    return Example(subject, target, tuple(rng.sample(others, references)))
 
 
 ATTRIBUTES = SUBJECT_ATTRIBUTES + SCENE_ATTRIBUTES
@@ -382,7 +373,7 @@ def labelled_scenes(count: int, seed: int, split: str = "train") -> LabelledScen
     rng = random.Random(seed)
     subjects = subjects_of(split)
     pairs = [(rng.choice(subjects), rng.choice(all_scenes())) for _ in range(count)]
-    images = np.stack([np.asarray(render(subject, scene, seed * 7919 + index)) for index, (subject, scene) in enumerate(pairs)])
+    images = np.stack([np.asarray(render(subject, scene)) for subject, scene in pairs])
     return LabelledScenes(images, [subject for subject, _ in pairs], [scene for _, scene in pairs])
 
 

@@ -19,7 +19,7 @@ from .scenes import ATTRIBUTE_VALUES, ATTRIBUTES
 
 
 def train_understanding_encoder(
-    spec: TinySpec, images, labels, steps: int, batch_size: int = 64, learning_rate: float = 1e-3, seed: int = 0
+    spec: TinySpec, images, labels, steps: int, batch_size: int = 64, learning_rate: float = 2e-3, seed: int = 0
 ) -> tuple[nn.Module, list[float]]:
     """(JanusVisionModel, losses) trained to classify the attributes of uint8 images [N, S, S, 3]."""
     from transformers.models.janus.modeling_janus import JanusVisionModel

@@ -5,7 +5,7 @@ is the one of highest cosine, with a straight-through gradient and a commitment 
 while are restarted on random latents. At the end the codebook is stored normalised, so transformers' own
 `encode` (which skips the normalisation) picks the same codes as `mmr1.model.encode_image_tokens`.
 
-Most steps see 32x32 crops aligned to the token grid (the network is convolutional; a crop costs a quarter),
+Early steps see half-size crops aligned to the token grid (the network is convolutional; a crop costs a quarter),
 the last `full_steps` whole images, so the attention and norms also settle at the real size. The images are
 the world's scenes, its subjects alone (what the model draws as the visual intermediate) and flat colour fields
 (`training_images`): without them a flat colour is outside the VQ's data and decodes as some background.
@@ -22,7 +22,7 @@ from mmr1.tiny import TinySpec, build_vq_config
 from .fit import batch_indices, fit, to_pixels
 
 _RESTART_EVERY = 50
-FLAT_FIELDS = 400  # half in the world's colours, half random
+FLAT_FIELDS = 800  # half in the world's colours, half random
 
 
 def training_images(scenes: np.ndarray, subjects_alone: np.ndarray, seed: int) -> np.ndarray:
@@ -94,16 +94,52 @@ def train_vq(
     return vq.eval(), losses
 
 
+def polish_decoder(vq, images, steps: int, batch_size: int = 16, learning_rate: float = 5e-4, seed: int = 0) -> list[float]:
+    """Fine-tune only `post_quant_conv` and the decoder, every batch holding each world colour as a flat field.
+
+    The encoder and codebook stay frozen, so every image keeps its tokens (and the generator its data): only what the
+    codes decode to moves, until a flat colour (a subject's body, a backdrop) comes back within a few levels instead
+    of the average its shared codes were pulled to. Returns the loss of every step."""
+    from .scenes import COLOURS
+
+    for parameter in vq.parameters():
+        parameter.requires_grad_(False)
+    trained = [*vq.post_quant_conv.parameters(), *vq.decoder.parameters()]
+    for parameter in trained:
+        parameter.requires_grad_(True)
+    pixels = to_pixels(images)
+    size = pixels.shape[-1]
+    flat = to_pixels(np.broadcast_to(np.asarray(list(COLOURS.values()), np.uint8)[:, None, None, :],
+                                     (len(COLOURS), size, size, 3)).copy())
+
+    def step_loss(step: int) -> torch.Tensor:
+        batch = torch.cat([pixels[batch_indices(len(pixels), batch_size, step, seed + 1)], flat])
+        with torch.no_grad():
+            codes = quantize(vq, vq.quant_conv(vq.encoder(batch)))[0]
+        decoded = vq.decoder(vq.post_quant_conv(codes))
+        return F.mse_loss(decoded, batch) + 0.5 * F.l1_loss(decoded, batch)
+
+    losses = fit(trained, step_loss, steps, learning_rate, "vq decoder")
+    for parameter in vq.parameters():
+        parameter.requires_grad_(True)
+    return losses
+
+
 @torch.no_grad()
 def _restart_unused(vq, usage: torch.Tensor, batch: torch.Tensor, generator_seed: int) -> None:
-    """Move codes no latent chose since the last restart onto random latents of the batch."""
+    """Move codes no latent chose since the last restart onto latents of the batch, drawn in proportion to their
+    squared distance from the nearest code (k-means++ seeding): new codes go where the book fits worst (a
+    subject's fine pattern), not onto the flat backgrounds most latents show, whose near-twin codes would only
+    make the generator's next token harder to predict."""
     unused = (usage == 0).nonzero().flatten()
     if len(unused) == 0:
         return
     latents = vq.quant_conv(vq.encoder(batch))
     flat = F.normalize(latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1]), dim=-1)
+    codebook = F.normalize(vq.quantize.embedding.weight, dim=-1)
+    distance = (2 - 2 * (flat @ codebook.T).amax(dim=-1)).clamp(min=0)  # squared, between unit vectors
     generator = torch.Generator().manual_seed(generator_seed)
-    picks = torch.randint(0, len(flat), (len(unused),), generator=generator)
+    picks = torch.multinomial(distance + 1e-12, len(unused), replacement=True, generator=generator)
     noise = 0.01 * torch.randn(len(unused), flat.shape[1], generator=generator)
     vq.quantize.embedding.weight[unused] = flat[picks] + noise
 

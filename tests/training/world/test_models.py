@@ -9,9 +9,9 @@ import torch
 from mmr1.errors import InputError
 from mmr1.tiny import TinySpec
 from training.world.fit import fit, to_pixels
-from training.world.scenes import ATTRIBUTES, labelled_scenes
+from training.world.scenes import ATTRIBUTES, IMAGE_SIZE, labelled_scenes
 
-SMALL_VQ = TinySpec(image_size=64, patch_size=4, vq_codebook_size=64, vq_base_channels=32,
+SMALL_VQ = TinySpec(image_size=IMAGE_SIZE, patch_size=4, vq_codebook_size=64, vq_base_channels=32,
                     vq_channel_multiplier=(1, 1, 1), vq_latent_channels=32)
 
 
@@ -33,7 +33,7 @@ def test_vq_training_images_hold_the_scenes_the_subjects_alone_and_every_flat_wo
 
     alone = subject_renders(TRAIN_SUBJECTS[:5])[0]
     images = training_images(scenes.images[:10], alone, seed=0)
-    assert images.shape == (10 + 5 + FLAT_FIELDS, 64, 64, 3) and images.dtype == np.uint8
+    assert images.shape == (10 + 5 + FLAT_FIELDS, IMAGE_SIZE, IMAGE_SIZE, 3) and images.dtype == np.uint8
     assert (images[:10] == scenes.images[:10]).all() and (images[10:15] == alone).all()
     flat = images[15:]
     assert (flat == flat[:, :1, :1]).all()  # each field one colour
@@ -66,7 +66,7 @@ def test_vq_training_reconstructs_better_and_transformers_encode_agrees_with_mmr
 def test_the_understanding_encoder_learns_the_attributes(scenes):
     from training.world.understanding import train_understanding_encoder
 
-    spec = TinySpec(image_size=64, patch_size=16, vision_hidden_size=32, vq_channel_multiplier=(1, 1, 1, 1, 1))
+    spec = TinySpec(image_size=IMAGE_SIZE, patch_size=8, vision_hidden_size=32, vq_channel_multiplier=(1, 1, 1, 1))
     encoder, losses = train_understanding_encoder(spec, scenes.images, scenes.labels(), steps=40, batch_size=32)
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.0
     assert encoder(pixel_values=to_pixels(scenes.images[:2])).last_hidden_state.shape == (2, 16, 32)

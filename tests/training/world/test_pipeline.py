@@ -11,7 +11,8 @@ import pytest
 from training.config import ConfigError, build_config
 from training.world.evaluate import CONDITIONS
 from training.world.pipeline import DONE, Pipeline, PipelineConfig, install, main, world_corpus
-from training.world.recipes import CONFIGS
+from training.world.recipes import CONFIGS, TEMPLATES
+from training.world.scenes import IMAGE_SIZE
 
 STAGES = ("components", "judge", "check_vq", "reward", "base", "data", "sft", "check_sft", "grpo", "eval")
 
@@ -44,13 +45,15 @@ def test_every_stage_completes_and_records_itself(finished_run):
         record = json.loads((out / stage / DONE).read_text())
         assert record["seconds"] >= 0
     report = json.loads((out / "eval" / "report.json").read_text())
-    assert [m["measure"] for m in report["measures"]][-4:] == [name for name, _, _ in CONDITIONS]
+    conditions = [name for name, _, _ in CONDITIONS]
+    assert [m["measure"] for m in report["measures"] if m["measure"] in conditions] == conditions
     assert (out / "eval" / "contact_sheet.png").is_file()
     vq = json.loads((out / "check_vq" / DONE).read_text())
     assert [m["measure"] for m in vq["measures"]] == ["renders", "vq"] and vq["failed"]  # 2 VQ steps miss the bar
     sft = json.loads((out / "check_sft" / DONE).read_text())
     assert [m["measure"] for m in sft["measures"]] == ["grounding", "true reasoning + references",
-                                                        "true reasoning, no references"]
+                                                        "true reasoning, no references",
+                                                        "subject image, true reasoning"]  # subject_source generate
 
 
 def test_a_finished_stage_is_skipped_when_the_command_runs_again(finished_run, capsys):
@@ -69,7 +72,7 @@ def test_install_copies_model_reward_and_judge_which_load(finished_run, tmp_path
     _, out = finished_run
     target = install(out, tmp_path / "assets")
     mm = load_model(target / "mmr1-world")
-    assert mm.image_size == 64 and mm.num_image_tokens == 256
+    assert mm.image_size == IMAGE_SIZE and mm.num_image_tokens == (IMAGE_SIZE // 4) ** 2  # tokens of 4x4 pixels
     assert load_reward_model("clip_i", target / "mmr1-world-clip") is not None
     assert load_judge(target / "mmr1-world-judge") is not None
     with pytest.raises(ConfigError, match="missing"):
@@ -101,12 +104,16 @@ def test_recipes_come_from_the_package_whatever_the_working_directory(tmp_path, 
     out = tmp_path / "run"
     pipeline = Pipeline(PipelineConfig(output_dir=out))
     sft, grpo = pipeline.sft_recipe, pipeline.grpo_recipe
-    assert (sft.steps, sft.learning_rate, grpo.steps, grpo.cfg_scale) == (800, 1e-3, 60, 3.0)  # configs/*.toml
+    sft_values, grpo_values = TEMPLATES["sft.toml"][3], TEMPLATES["grpo.toml"][3]  # what configs/*.toml hold
+    assert (sft.steps, sft.learning_rate, grpo.steps, grpo.cfg_scale) == (
+        sft_values["steps"], sft_values["learning_rate"], grpo_values["steps"], grpo_values["cfg_scale"])
     assert (sft.model, sft.data, sft.output_dir) == (out / "base", out / "data" / "sft" / "records.jsonl", out / "sft")
     assert (grpo.model, grpo.output_dir) == (out / "sft" / "final", out / "grpo")
     assert grpo.rewards == (f"clip_i={out / 'reward'}@1", f"clip_t={out / 'reward'}@1", "format@0.1")
     # a path that is not a packaged name is the user's own file, from the working directory
-    (tmp_path / "mine.toml").write_text((CONFIGS / "sft.toml").read_text().replace("steps = 800", "steps = 5"))
+    text = (CONFIGS / "sft.toml").read_text()
+    assert f"\nsteps = {sft_values['steps']}\n" in text
+    (tmp_path / "mine.toml").write_text(text.replace(f"\nsteps = {sft_values['steps']}\n", "\nsteps = 5\n"))
     assert Pipeline(PipelineConfig(output_dir=out, sft_config=Path("mine.toml"))).sft_recipe.steps == 5
     with pytest.raises(ConfigError, match="missing.toml is neither a file of"):
         Pipeline(PipelineConfig(output_dir=out, grpo_config=Path("missing.toml")))

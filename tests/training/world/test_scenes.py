@@ -15,6 +15,7 @@ from training.world.scenes import (
     ATTRIBUTE_VALUES,
     ATTRIBUTES,
     HELD_OUT_SUBJECTS,
+    IMAGE_SIZE,
     SUBJECT_ATTRIBUTES,
     SUBJECT_BACKDROP,
     TRAIN_SUBJECTS,
@@ -23,6 +24,7 @@ from training.world.scenes import (
     all_subjects,
     labelled_scenes,
     render,
+    render_subject,
     sample_example,
     vocabulary,
     write_dataset,
@@ -39,24 +41,39 @@ def test_subjects_number_in_the_thousands_and_the_held_out_tenth_never_meets_tra
 
 def test_render_is_deterministic_and_depends_on_every_input():
     subject, scene = Subject("heart", "red", "stripes", "blue"), Scene("beach", "left", "small")
-    image = np.asarray(render(subject, scene, 3))
-    assert image.shape == (64, 64, 3) and image.dtype == np.uint8
-    assert np.array_equal(image, np.asarray(render(subject, scene, 3)))
-    for other in (render(subject, scene, 4), render(Subject("heart", "red", "spots", "blue"), scene, 3),
-                  render(subject, Scene("beach", "left", "large"), 3)):
+    image = np.asarray(render(subject, scene))
+    assert image.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and image.dtype == np.uint8
+    assert np.array_equal(image, np.asarray(render(subject, scene)))
+    for other in (render(Subject("heart", "red", "spots", "blue"), scene), render(subject, Scene("beach", "left", "large")),
+                  render(subject, Scene("grass", "left", "small")), render(subject, Scene("beach", "middle", "small"))):
         assert not np.array_equal(image, np.asarray(other))
+
+
+def test_a_subject_is_the_same_tokens_wherever_it_stands_and_large_ones_are_the_subject_image():
+    """Centres on the 4-pixel token grid: moving a subject shifts its pixels by whole tokens (what lets a tiny
+    generator learn one drawing per subject and size); a large one is drawn as in the subject image."""
+    subject = Subject("cross", "blue", "grid", "yellow")
+    for size, shift in (("small", 8), ("large", 4)):
+        left = np.asarray(render(subject, Scene("snow", "left", size))).astype(int)
+        middle = np.asarray(render(subject, Scene("snow", "middle", size))).astype(int)
+        assert np.array_equal(left[:, 2 : IMAGE_SIZE - shift - 2], middle[:, shift + 2 : IMAGE_SIZE - 2])
+    alone = np.asarray(render_subject(subject)).astype(int)
+    large = np.asarray(render(subject, Scene("snow", "middle", "large"))).astype(int)
+    drawn = (alone != SUBJECT_BACKDROP).any(axis=2)
+    same = (np.abs(alone - large).sum(axis=2) == 0)[drawn]
+    assert same.mean() > 0.7  # the same drawing; only the anti-aliased rim meets another backdrop
 
 
 def test_the_subject_is_drawn_where_and_as_large_as_the_scene_says():
     def red_pixels(scene):
-        image = np.asarray(render(Subject("square", "red", "ring", "white"), scene, 0)).astype(int)
+        image = np.asarray(render(Subject("square", "red", "ring", "white"), scene)).astype(int)
         red = (image[..., 0] > 180) & (image[..., 1] < 80) & (image[..., 2] < 80)
         return red, np.nonzero(red)[1].mean()
 
     left, left_x = red_pixels(Scene("snow", "left", "small"))
     right, right_x = red_pixels(Scene("snow", "right", "small"))
     large, _ = red_pixels(Scene("snow", "middle", "large"))
-    assert left_x < 24 < 40 < right_x
+    assert left_x < 0.4 * IMAGE_SIZE < 0.6 * IMAGE_SIZE < right_x
     assert large.sum() > 2 * left.sum()
 
 
@@ -87,7 +104,7 @@ def test_a_task_shows_the_subject_in_other_scenes_and_its_reasoning_names_it():
 def test_labelled_scenes_carry_indices_of_their_true_attributes():
     scenes = labelled_scenes(6, seed=1, split="heldout")
     labels = scenes.labels()
-    assert scenes.images.shape == (6, 64, 64, 3) and labels.shape == (6, len(ATTRIBUTES))
+    assert scenes.images.shape == (6, IMAGE_SIZE, IMAGE_SIZE, 3) and labels.shape == (6, len(ATTRIBUTES))
     assert all(subject in HELD_OUT_SUBJECTS for subject in scenes.subjects)
     for row, subject, scene in zip(labels, scenes.subjects, scenes.scenes):
         values = {**asdict(subject), **asdict(scene)}
