@@ -265,6 +265,8 @@ class Run:
         if self.num_processes > 1:
             [problem] = broadcast_object_list([problem])
         if problem is not None:
+            if torch.distributed.is_initialized():  # every process ends here: leave the group before exiting, or
+                torch.distributed.destroy_process_group()  # gloo's threads can abort the interpreter's exit
             raise RunFolderError(problem)
         return lock
 
