@@ -54,11 +54,14 @@ def caption_records(source: str | Path, out: str | Path, model: str | Path, batc
         if strangers:
             raise InputError(f"{out} holds records that {source} lacks ({', '.join(strangers[:5])}); it is not a "
                              "caption run of this file: choose another --out.")
-    todo = [position for position, record in enumerate(records)
-            if record.id not in done and (overwrite or record.reasoning is None)]
-    for record in records:
-        if record.id not in done and not overwrite and record.reasoning is not None:
-            done[record.id] = record  # kept as it is
+    todo: list[int] = []
+    for position, record in enumerate(records):
+        if record.id in done:
+            continue
+        if overwrite or record.reasoning is None:
+            todo.append(position)
+        else:
+            done[record.id] = record  # its own reasoning, kept
     mm = load_model(model, dtype=dtype, device=device) if todo else None
     with tqdm(total=len(todo), desc="caption", unit="record") as bar:
         for start in range(0, len(todo), batch_size):

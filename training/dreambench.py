@@ -272,10 +272,10 @@ def copy_paste_flags(similarity: ImageSimilarityReward, images: Sequence[Image.I
     reference, and a score above real-photo similarity is that, not fidelity); None with fewer than 2 photos."""
     if len(real) < 2:
         return None
-    among_real = similarity.similarities(list(real), list(real), batch_size)
-    ceiling = float(among_real.masked_fill(torch.eye(len(real), dtype=torch.bool), -2.0).max())
-    closest = similarity.similarities(list(images), list(real), batch_size).amax(dim=1)
-    return (closest > ceiling).float().tolist()
+    matrix = similarity.similarities([*images, *real], list(real), batch_size)  # generated rows, then real rows
+    among_real = matrix[len(images):].masked_fill(torch.eye(len(real), dtype=torch.bool), -2.0)
+    closest = matrix[: len(images)].amax(dim=1)
+    return (closest > float(among_real.max())).float().tolist()
 
 
 def _check_output_folder(folder: Path) -> None:

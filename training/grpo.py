@@ -278,9 +278,9 @@ def assign_advantages(groups: list[Group], run: Run, config: GRPOConfig) -> torc
     """Advantages of this process's groups from the rewards of every process (scale_rewards 'batch' needs the
     step's std), aggregated as multi_objective_aggregation says; returns the gathered weighted sums [groups over
     all processes, G] for the logs."""
-    rewards = run.gather(torch.stack([group.rewards for group in groups]))
     components = run.gather(torch.stack([torch.stack(list(group.components.values())) for group in groups]))
     weights = torch.tensor([parse_spec(spec)[2] for spec in config.rewards])
+    rewards = aggregate_rewards(components, weights, "sum_then_normalize")
     advantages = group_advantages(aggregate_rewards(components, weights, config.multi_objective_aggregation),
                                   config.scale_rewards)
     mine = advantages[run.process_index * len(groups):][: len(groups)]

@@ -178,18 +178,18 @@ def read_rows(path: Path) -> Iterator[tuple[str, dict]]:
                 yield f"line {number}", {"__error__": f"not valid JSON ({error.msg} at column {error.colno})"}
 
 
-def _image(value, base: Path) -> tuple[Path | None, Image.Image | None]:
-    """(path, None) for a path, (None, decoded image) for bytes ({"bytes": ...} as Hugging Face stores images)."""
+def _image(value, base: Path) -> Path | Image.Image:
+    """A checked path, or the decoded image of bytes ({"bytes": ...} as Hugging Face stores images)."""
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
     if isinstance(value, (bytes, bytearray)):
-        return None, open_image(io.BytesIO(value), "embedded image")
+        return open_image(io.BytesIO(value), "embedded image")
     if isinstance(value, str) and value.strip():
         path = absolute_path(base / value)
-        size, error = probe_image(path)
+        _, error = probe_image(path)
         if error:
             raise InputError(error)
-        return path, None
+        return path
     raise InputError("an image is neither a path nor image bytes")
 
 
@@ -210,8 +210,9 @@ def _pair(row: dict, base: Path, padding: int) -> tuple[list, list[str], str | N
         described = row["description"]
         if isinstance(described, str):
             described = json.loads(described)
-        path, image = _image(row["image"], base)
-        composite = image if image is not None else open_image(path, "side-by-side image")
+        composite = _image(row["image"], base)
+        if isinstance(composite, Path):
+            composite = open_image(composite, "side-by-side image")
         views = list(split_side_by_side(composite.convert("RGB"), padding))
         texts = [described.get("description_0"), described.get("description_1")]
         subject = described.get("item")
@@ -219,8 +220,7 @@ def _pair(row: dict, base: Path, padding: int) -> tuple[list, list[str], str | N
         missing = [key for key in ("image_a", "image_b", "description_a", "description_b") if key not in row]
         if missing:
             raise InputError(f"missing {', '.join(missing)} (or Subjects200K's image and description)")
-        views = [path if path is not None else image
-                 for path, image in (_image(row["image_a"], base), _image(row["image_b"], base))]
+        views = [_image(row["image_a"], base), _image(row["image_b"], base)]
         texts = [row["description_a"], row["description_b"]]
         subject = row.get("subject")
     if not all(isinstance(text, str) and text.strip() for text in texts):

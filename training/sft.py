@@ -82,13 +82,9 @@ class Example:
     without_references: PromptSequence  # the prompt alone, the reasoning and the subject (no text loss)
     draws_subject: bool = False  # the model learns to draw the subject image (subject_source = generate)
 
-    @property
-    def subject_start(self) -> int | None:
-        """First VQ slot of the subject image in the chain, when the model learns to draw it."""
-        return subject_slot(self.sequence) if self.draws_subject else None
-
 
 def subject_slot(sequence: PromptSequence) -> int:
+    """First VQ slot of a chain: its subject image (the target's slots come after the sequence)."""
     return int((sequence.slot_kinds == VQ_IMAGE).nonzero()[0])
 
 
@@ -151,8 +147,8 @@ def sft_loss(
             text_hidden.append(hidden[row, offset + positions - 1])
             text_labels.append(example.sequence.input_ids[positions])
         if not drop and not bare and example.draws_subject:
-            tokens = sequence.subject_tokens[0]
-            positions = torch.arange(subject_slot(sequence), subject_slot(sequence) + len(tokens))
+            tokens, start = sequence.subject_tokens[0], subject_slot(sequence)
+            positions = torch.arange(start, start + len(tokens))
             subject_hidden.append(hidden[row, offset + positions - 1])
             subject_labels.append(tokens)
         image_hidden.append(hidden[row, offset + context_length - 1 : offset + context_length - 1 + len(example.target_tokens)])

@@ -181,17 +181,22 @@ class ImageSimilarityReward(RewardModel):
         prompts: list[str] | str | None,
         batch_size: int,
     ) -> torch.Tensor:
-        return self.similarities(images, references, batch_size).mean(dim=1)
+        return self._similarities(images, references, batch_size).mean(dim=1)
 
     def similarities(self, images: list[Image.Image], references: list[Image.Image] | None,
                      batch_size: int = 16) -> torch.Tensor:
-        """Cosine similarity [len(images), len(references)] of every image to every reference (the score is its
-        row mean; DreamBench's copy-paste measure needs the single closest reference)."""
+        """Cosine similarity [len(images), len(references)] of every image to every reference, on CPU (the score
+        is its row mean; DreamBench's copy-paste measure needs the single closest reference)."""
+        with torch.inference_mode():
+            return self._similarities(_as_rgb(images, "images"), references, batch_size).float().cpu()
+
+    def _similarities(self, images: list[Image.Image], references: list[Image.Image] | None,
+                      batch_size: int) -> torch.Tensor:
+        """`similarities` of RGB images, on the model's device."""
         if not references:
             raise InputError(f"The {self.name} reward compares with reference images, but none were given.")
-        with torch.inference_mode():
-            reference_embeddings = self._encode_images(_as_rgb(references, "references"), batch_size)  # once
-            return (self._encode_images(_as_rgb(images, "images"), batch_size) @ reference_embeddings.T).cpu()
+        reference_embeddings = self._encode_images(_as_rgb(references, "references"), batch_size)  # once
+        return self._encode_images(images, batch_size) @ reference_embeddings.T
 
 
 class TextAlignmentReward(RewardModel):

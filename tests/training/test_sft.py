@@ -14,7 +14,7 @@ from mmr1.xcot import format_reasoning
 from tests.conftest import CONTROL_TOKEN_TEXT
 from training.config import ConfigError, build_config
 from training.data import Record, write_records
-from training.sft import SFTConfig, main, prepare_example, sft_loss, train
+from training.sft import SFTConfig, main, prepare_example, sft_loss, subject_slot, train
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40)}
 
@@ -113,7 +113,8 @@ def test_generate_source_teaches_the_subject_image_after_the_reasoning(tiny_mode
     example = prepare_example(tiny_model, record, "generate")
     subject = tiny_model.encode_image_tokens([record.load_subject_image()])[0].cpu()
     slots = (example.sequence.slot_kinds == VQ_IMAGE).nonzero().flatten()
-    assert int(slots[0]) == example.subject_start == example.text_end + 1  # right after the reasoning's <boi>
+    assert example.draws_subject
+    assert int(slots[0]) == subject_slot(example.sequence) == example.text_end + 1  # right after the reasoning's <boi>
     torch.testing.assert_close(example.sequence.subject_tokens[0], subject)
     with torch.no_grad():
         full = sft_loss(tiny_model, [example], [False], 1.0, 1.0)

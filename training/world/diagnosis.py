@@ -123,12 +123,11 @@ def vq_measures(judge, vq, tasks: list[Example]) -> list[Measure]:
 
 def flat_colour_errors(vq) -> dict[str, int]:
     """Each world colour as a flat image through encode and decode: its worst channel error out of 255."""
-    from .vq import reconstructed_images
+    from .vq import flat_fields, reconstructed_images
 
-    colours = torch.tensor(list(COLOURS.values()), dtype=torch.uint8)
-    flat = colours[:, None, None, :].expand(-1, IMAGE_SIZE, IMAGE_SIZE, -1).contiguous()
-    decoded = reconstructed_images(vq, flat).mean(dim=(1, 2)) * 255
-    errors = (decoded - colours.float()).abs().amax(dim=1)
+    colours = list(COLOURS.values())
+    decoded = reconstructed_images(vq, flat_fields(colours, IMAGE_SIZE)).mean(dim=(1, 2)) * 255
+    errors = (decoded - torch.tensor(colours, dtype=torch.float32)).abs().amax(dim=1)
     return {name: int(round(float(error))) for name, error in zip(COLOURS, errors)}
 
 

@@ -25,6 +25,12 @@ _RESTART_EVERY = 50
 FLAT_FIELDS = 800  # half in the world's colours, half random
 
 
+def flat_fields(colours, size: int) -> np.ndarray:
+    """uint8 [len(colours), size, size, 3]: each RGB colour as a flat image."""
+    colours = np.asarray(colours, np.uint8)
+    return np.ascontiguousarray(np.broadcast_to(colours[:, None, None, :], (len(colours), size, size, 3)))
+
+
 def training_images(scenes: np.ndarray, subjects_alone: np.ndarray, seed: int) -> np.ndarray:
     """uint8 [N, S, S, 3]: the scenes, the subjects alone and flat colour fields, the VQ's training images."""
     from .scenes import COLOURS
@@ -33,9 +39,7 @@ def training_images(scenes: np.ndarray, subjects_alone: np.ndarray, seed: int) -
     world = np.asarray(list(COLOURS.values()), np.uint8)
     colours = np.concatenate([world[np.arange(FLAT_FIELDS // 2) % len(world)],
                               rng.integers(0, 256, (FLAT_FIELDS - FLAT_FIELDS // 2, 3), dtype=np.uint8)])
-    size = scenes.shape[1]
-    flat = np.broadcast_to(colours[:, None, None, :], (len(colours), size, size, 3))
-    return np.concatenate([scenes, subjects_alone, flat])
+    return np.concatenate([scenes, subjects_alone, flat_fields(colours, scenes.shape[1])])
 
 
 def quantize(vq, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -108,9 +112,7 @@ def polish_decoder(vq, images, steps: int, batch_size: int = 16, learning_rate: 
     for parameter in trained:
         parameter.requires_grad_(True)
     pixels = to_pixels(images)
-    size = pixels.shape[-1]
-    flat = to_pixels(np.broadcast_to(np.asarray(list(COLOURS.values()), np.uint8)[:, None, None, :],
-                                     (len(COLOURS), size, size, 3)).copy())
+    flat = to_pixels(flat_fields(list(COLOURS.values()), pixels.shape[-1]))
 
     def step_loss(step: int) -> torch.Tensor:
         batch = torch.cat([pixels[batch_indices(len(pixels), batch_size, step, seed + 1)], flat])
