@@ -6,6 +6,10 @@ recompute (policy and reference), backward, optimizer; with samples/s.
 
 It runs training.grpo.train itself (what `python -m training.grpo` runs) on the demo task and reads the phase
 times the trainer logs to metrics.jsonl; the first step (warm-up) is left out of the means when there are more.
+Two contenders run one after the other in this process, on the same records and seeds: `shared prefix` (the
+trainer as it is: a group's G reasoning rollouts prefill their common prompt once) and `per row` (every rollout
+row prefills it itself, as before; the sampler given the prefix repeated row by row, which samples the same
+tokens).
 """
 
 from __future__ import annotations
@@ -20,11 +24,36 @@ from benchmarks.common import add_device_options, apply_threads, machine, table
 PHASES = ("rollout", "reward", "logprobs", "backward", "optimizer")
 
 
+def per_row(sample_tokens):
+    """`sample_tokens` that prefills every row itself: a shared prefix is repeated row by row instead."""
+    from mmr1.decoding import repeat_rows
+
+    def sample(mm, prefix, *args, repeats: int = 1, unconditional=None, **kwargs):
+        unconditional = None if unconditional is None else repeat_rows(unconditional, repeats)
+        return sample_tokens(mm, repeat_rows(prefix, repeats), *args, unconditional=unconditional, **kwargs)
+
+    return sample
+
+
+def run_steps(config_values: dict, work: Path, shared: bool) -> list[dict]:
+    """Train `steps` GRPO steps under one contender; the metrics lines of the steps."""
+    from contextlib import nullcontext
+    from unittest import mock
+
+    import training.grpo as grpo
+    from training.config import build_config
+
+    config = build_config(grpo.GRPOConfig, {**config_values, "output_dir": str(work)})
+    patch = nullcontext() if shared else mock.patch.object(grpo, "sample_tokens", per_row(grpo.sample_tokens))
+    with patch:
+        grpo.train(config)
+    lines = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    return [line for line in lines if "step" in line and "seconds_rollout" in line]
+
+
 def main(argv: list[str] | None = None) -> int:
     from mmr1.embedded import MODEL_NAME, REWARD_NAME, demo_task, embedded_path
-    from training.config import build_config
     from training.data import Record, write_records
-    from training.grpo import GRPOConfig, train
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(embedded_path(MODEL_NAME)), help="checkpoint folder (default: mmr1-world)")
@@ -37,39 +66,46 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     apply_threads(args.threads)
 
+    contenders = {"per row": False, "shared prefix": True}
+    measured = {}
     with tempfile.TemporaryDirectory(prefix="mmr1-grpo-bench-") as work:
         work = Path(work)
         references, prompt = demo_task()
         write_records(work / "records.jsonl", [Record(id="demo", references=tuple(references), prompt=prompt)])
-        config = build_config(GRPOConfig, {
-            "model": args.model, "data": str(work / "records.jsonl"), "output_dir": str(work / "run"),
+        values = {
+            "model": args.model, "data": str(work / "records.jsonl"),
             "steps": args.steps, "num_generations": args.num_generations, "prompts_per_step": args.prompts_per_step,
             "max_reasoning_tokens": args.max_reasoning_tokens, "cfg_scale": 3.0, "beta": 0.01, "learning_rate": 2e-5,
             "rewards": [f"clip_i={args.reward_model}@1", f"clip_t={args.reward_model}@1", "format@0.1"],
             "dtype": "fp32" if args.dtype == "auto" else args.dtype, "save_every": 0, "log_every": 1,
             **({"device": args.device} if args.device else {}),
-        })
-        train(config)
-        lines = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
-    steps = [line for line in lines if "step" in line and "seconds_rollout" in line]
-    measured = steps[1:] or steps
+        }
+        for name, shared in contenders.items():
+            steps = run_steps(values, work / name.replace(" ", "-"), shared)
+            measured[name] = steps[1:] or steps
 
-    def mean(key: str) -> float:
-        return sum(line[key] for line in measured) / len(measured)
+    def mean(name: str, key: str) -> float:
+        return sum(line[key] for line in measured[name]) / len(measured[name])
 
-    step_seconds = mean("step_seconds")
-    rows = [[phase, f"{mean(f'seconds_{phase}'):.3f}", f"{100 * mean(f'seconds_{phase}') / step_seconds:.0f} %"]
-            for phase in PHASES]
-    other = step_seconds - sum(mean(f"seconds_{phase}") for phase in PHASES)
-    rows += [["other (loss, logging, data)", f"{other:.3f}", f"{100 * other / step_seconds:.0f} %"],
-             ["step", f"{step_seconds:.3f}", "100 %"]]
+    first, second = contenders
+    rows = []
+    for phase in PHASES:
+        times = [mean(name, f"seconds_{phase}") for name in contenders]
+        rows.append([phase, *(f"{seconds:.3f}" for seconds in times), f"{times[0] / max(times[1], 1e-9):.2f}x"])
+    others = [mean(name, "step_seconds") - sum(mean(name, f"seconds_{phase}") for phase in PHASES)
+              for name in contenders]
+    rows.append(["other (loss, logging, data)", *(f"{seconds:.3f}" for seconds in others), ""])
+    steps = [mean(name, "step_seconds") for name in contenders]
+    rows.append(["step", *(f"{seconds:.3f}" for seconds in steps), f"{steps[0] / steps[1]:.2f}x"])
     samples = args.num_generations * args.prompts_per_step
+    rates = [mean(name, "samples_per_s") for name in contenders]
     print(f"machine: {machine()}")
     print(f"model: {args.model}; {args.prompts_per_step} prompt(s) x G={args.num_generations} rollouts per step, "
-          f"mean of steps {measured[0]['step']}..{measured[-1]['step']}")
-    print(table(["phase", "seconds per step", "share"], rows))
-    print(f"samples/s: {mean('samples_per_s'):.2f} ({samples} rollouts per step); rollout image+text tokens/s: "
-          f"{mean('rollout_tokens_per_s'):.1f}; GRPO steps per hour: {3600 / step_seconds:.0f}")
+          f"mean of steps {measured[second][0]['step']}..{measured[second][-1]['step']}")
+    print(table(["phase", *(f"{name} (s per step)" for name in contenders), "speed-up"], rows))
+    print(f"samples/s: {first} {rates[0]:.2f}, {second} {rates[1]:.2f} ({rates[1] / rates[0]:.2f}x; {samples} "
+          f"rollouts per step); {second} rollout image+text tokens/s: {mean(second, 'rollout_tokens_per_s'):.1f}; "
+          f"GRPO steps per hour: {3600 / steps[1]:.0f}")
     return 0
 
 

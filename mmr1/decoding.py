@@ -1,6 +1,9 @@
 """How the samplers run the language model: the prefix once (`prefill`), then one new position per `step`.
 
-Each returns the head's logits at the last position, [rows, vocab]. Three ways, picked by `decoding_for`:
+Each returns the head's logits at the last position, [rows, vocab]. Rows that share one prefix (a prompt's
+images, a GRPO group's rollouts) are given once with `repeats`: the prefix is prefilled for the distinct rows only
+and its keys and values are broadcast to every row of the cache, which is what a single run of one row computes.
+Three ways, picked by `decoding_for`:
 - `CachedDecoding`, the default: a KV cache preallocated for the whole run, attention over the filled slots only;
 - `CompiledDecoding`, opt-in (`MMR1Model.compile_decoding`): the same prefill, then decode steps at fixed shapes
   compiled by torch.compile, and replayed as CUDA graphs on CUDA, where launching a 7B model's few hundred kernels
@@ -27,24 +30,36 @@ Head = Callable[[torch.Tensor], torch.Tensor]
 COMPILED_CAPACITY_MULTIPLE = 256
 
 
-class Decoding(ABC):
-    """What every way shares: the attention mask and the positions of the whole run, allocated once."""
+def repeat_rows(prefix: BatchedPrefix, repeats: int) -> BatchedPrefix:
+    """Each row of `prefix` `repeats` times in a row: row j of the result is row j // repeats."""
+    if repeats == 1:
+        return prefix
+    return BatchedPrefix(*(tensor.repeat_interleave(repeats, dim=0)
+                           for tensor in (prefix.embeds, prefix.attention_mask, prefix.position_ids)))
 
-    def __init__(self, mm, rows: BatchedPrefix, num_tokens: int, head: Head, capacity: int | None = None) -> None:
-        self.language_model, self.head, self.rows = mm.language_model, head, rows
+
+class Decoding(ABC):
+    """What every way shares: the attention mask and the positions of the whole run, allocated once.
+
+    `rows` holds the distinct prefixes; row j of the run is `rows` row j // `repeats`."""
+
+    def __init__(self, mm, rows: BatchedPrefix, num_tokens: int, head: Head, capacity: int | None = None,
+                 repeats: int = 1) -> None:
+        self.language_model, self.head, self.rows, self.repeats = mm.language_model, head, rows, repeats
         self.cache_name = cache_argument(self.language_model)  # inspects the signature: once, not per token
         self.prefix_length = rows.embeds.shape[1]
         self.capacity = capacity or self.prefix_length + num_tokens
-        self.attention_mask = rows.attention_mask.new_ones(rows.embeds.shape[0], self.capacity)
-        self.attention_mask[:, : self.prefix_length] = rows.attention_mask
+        self.batch = rows.embeds.shape[0] * repeats
+        self.attention_mask = rows.attention_mask.new_ones(self.batch, self.capacity)
+        self.attention_mask[:, : self.prefix_length] = rows.attention_mask.repeat_interleave(repeats, dim=0)
         steps = torch.arange(1, num_tokens + 1, device=rows.embeds.device)
-        self.next_positions = rows.position_ids[:, -1:] + steps  # [rows, num_tokens]
+        self.next_positions = rows.position_ids[:, -1:].repeat_interleave(repeats, dim=0) + steps  # [batch, tokens]
         self.steps = 0
 
-    def _forward(self, embeds: torch.Tensor, position_ids: torch.Tensor, seen: int, **options) -> torch.Tensor:
-        output = self.language_model(
-            inputs_embeds=embeds, attention_mask=self.attention_mask[:, :seen], position_ids=position_ids, **options
-        )
+    def _forward(self, embeds: torch.Tensor, position_ids: torch.Tensor, seen: int,
+                 attention_mask: torch.Tensor | None = None, **options) -> torch.Tensor:
+        mask = self.attention_mask[:, :seen] if attention_mask is None else attention_mask
+        output = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, **options)
         return self.head(output.last_hidden_state[:, -1])
 
     @abstractmethod
@@ -57,15 +72,22 @@ class Decoding(ABC):
 
 
 class CachedDecoding(Decoding):
-    def __init__(self, mm, rows: BatchedPrefix, num_tokens: int, head: Head, capacity: int | None = None) -> None:
-        super().__init__(mm, rows, num_tokens, head, capacity)
+    def __init__(self, mm, rows: BatchedPrefix, num_tokens: int, head: Head, capacity: int | None = None,
+                 repeats: int = 1) -> None:
+        super().__init__(mm, rows, num_tokens, head, capacity, repeats=repeats)
         self.cache = PreallocatedCache(self.capacity)
 
     def _cache_options(self) -> dict:
         return {self.cache_name: self.cache, "use_cache": True}
 
     def prefill(self) -> torch.Tensor:
-        return self._forward(self.rows.embeds, self.rows.position_ids, self.prefix_length, **self._cache_options())
+        if self.repeats == 1:
+            return self._forward(self.rows.embeds, self.rows.position_ids, self.prefix_length, **self._cache_options())
+        shared = PreallocatedCache(self.prefix_length)
+        logits = self._forward(self.rows.embeds, self.rows.position_ids, self.prefix_length,
+                               self.rows.attention_mask, **{self.cache_name: shared, "use_cache": True})
+        self.cache.broadcast(shared, self.repeats)
+        return logits.repeat_interleave(self.repeats, dim=0)
 
     def step(self, embeds: torch.Tensor) -> torch.Tensor:
         self.steps += 1
@@ -74,8 +96,8 @@ class CachedDecoding(Decoding):
 
 
 class UncachedDecoding(Decoding):
-    def __init__(self, mm, rows: BatchedPrefix, num_tokens: int, head: Head) -> None:
-        super().__init__(mm, rows, num_tokens, head)
+    def __init__(self, mm, rows: BatchedPrefix, num_tokens: int, head: Head, repeats: int = 1) -> None:
+        super().__init__(mm, repeat_rows(rows, repeats), num_tokens, head)  # the floor: shares nothing
         self.embeds = rows.embeds.new_empty(rows.embeds.shape[0], self.capacity, rows.embeds.shape[2])
         self.embeds[:, : self.prefix_length] = rows.embeds
         self.positions = torch.cat([rows.position_ids, self.next_positions], dim=1)
@@ -94,15 +116,19 @@ class UncachedDecoding(Decoding):
 class CompiledState:
     """What compiled decoding keeps between runs of one shape: CUDA graphs replay at fixed addresses, so the
     cache, its write slot and the positions are written again rather than reallocated (as transformers keeps its
-    StaticCache); a run of another shape replaces them."""
+    StaticCache)."""
 
     shape: tuple
     cache: SlotCache
     positions: torch.Tensor
 
 
-# One state per language model (the latest shape), dropped with the model or by `release_compiled_state`.
-_STATES: weakref.WeakKeyDictionary[torch.nn.Module, CompiledState] = weakref.WeakKeyDictionary()
+# Shapes kept per language model: an X-CoT run decodes text (one row per subject) and then images (a row per image
+# and guidance twin), so two, plus room for a second image batch size, before the least recently used goes.
+COMPILED_SHAPES_KEPT = 3
+# Per language model, its states by shape, least recently used first; dropped with the model or by
+# `release_compiled_state`.
+_STATES: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, CompiledState]] = weakref.WeakKeyDictionary()
 
 
 def release_compiled_state(language_model: torch.nn.Module) -> None:
@@ -110,21 +136,22 @@ def release_compiled_state(language_model: torch.nn.Module) -> None:
     _STATES.pop(language_model, None)
 
 
-def compiled_state(language_model: torch.nn.Module) -> CompiledState | None:
-    return _STATES.get(language_model)
+def compiled_states(language_model: torch.nn.Module) -> list[CompiledState]:
+    """The states compiled decoding keeps for `language_model`, least recently used first."""
+    return list(_STATES.get(language_model, {}).values())
 
 
 class CompiledDecoding(CachedDecoding):
-    def __init__(self, mm, rows: BatchedPrefix, num_tokens: int, head: Head) -> None:
+    def __init__(self, mm, rows: BatchedPrefix, num_tokens: int, head: Head, repeats: int = 1) -> None:
         needed = rows.embeds.shape[1] + num_tokens
         capacity = -(-needed // COMPILED_CAPACITY_MULTIPLE) * COMPILED_CAPACITY_MULTIPLE
-        super().__init__(mm, rows, num_tokens, head, capacity)
+        super().__init__(mm, rows, num_tokens, head, capacity, repeats=repeats)
         self.device = rows.embeds.device
-        self.shape = (rows.embeds.shape[0], capacity, rows.embeds.dtype, self.device)
-        self.previous = _STATES.get(self.language_model)
-        if self.previous is not None and self.previous.shape != self.shape:
-            release_compiled_state(self.language_model)  # before allocating the new shape's buffers
-            self.previous = None
+        self.shape = (self.batch, capacity, rows.embeds.dtype, self.device)
+        states = _STATES.setdefault(self.language_model, {})
+        self.previous = states.pop(self.shape, None)
+        if self.previous is None and len(states) >= COMPILED_SHAPES_KEPT:
+            states.pop(next(iter(states)))  # before allocating the new shape's buffers
         if self.previous is not None:
             self.cache = PreallocatedCache(capacity, self.previous.cache.buffers)
         self.compiled_step = compiled_decode_step("reduce-overhead" if self.device.type == "cuda" else "default")
@@ -140,7 +167,7 @@ class CompiledDecoding(CachedDecoding):
         else:
             self.cache = SlotCache(self.cache, self.previous.cache.slot)
             self.positions = self.previous.positions.copy_(first_positions)
-        _STATES[self.language_model] = CompiledState(self.shape, self.cache, self.positions)
+        _STATES[self.language_model][self.shape] = CompiledState(self.shape, self.cache, self.positions)
         self.visible = self.attention_mask.bool()
         return logits
 
@@ -172,9 +199,12 @@ def compiled_decode_step(mode: str) -> Callable:
     return torch.compile(decode_step, mode=mode)
 
 
-def decoding_for(mm, rows: BatchedPrefix, num_tokens: int, head: Head, use_cache: bool = True) -> Decoding:
+def decoding_for(mm, rows: BatchedPrefix, num_tokens: int, head: Head, use_cache: bool = True,
+                 repeats: int = 1) -> Decoding:
+    """How to decode: uncached when asked, compiled when the model opts in, else cached; row j of the run
+    continues `rows` row j // `repeats`."""
     if not use_cache:
-        return UncachedDecoding(mm, rows, num_tokens, head)
+        return UncachedDecoding(mm, rows, num_tokens, head, repeats=repeats)
     if mm.compile_decoding:
-        return CompiledDecoding(mm, rows, num_tokens, head)
-    return CachedDecoding(mm, rows, num_tokens, head)
+        return CompiledDecoding(mm, rows, num_tokens, head, repeats=repeats)
+    return CachedDecoding(mm, rows, num_tokens, head, repeats=repeats)

@@ -122,14 +122,16 @@ def generate_chains(
 def _sample_images(mm, sequences: list[PromptSequence], settings: SamplingSettings, seed: int, use_cache: bool = True,
                    return_logprobs: bool = False, progress: ProgressCallback | None = None,
                    cancel: CancelCheck | None = None, synced: bool = False) -> GenerationResult:
-    """Image tokens after each sequence (row i seeded seed + i), decoded; a sequence repeated is embedded once."""
+    """Image tokens after each sequence (row i seeded seed + i), decoded; a sequence repeated is embedded once, and
+    when every row has the same sequence (one prompt's images) its prefix is prefilled once for all of them."""
     embedded: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
     for sequence in sequences:
         if id(sequence) not in embedded:
             check_fits(mm, sequence, mm.num_image_tokens)
             embedded[id(sequence)] = (embed_sequence(mm, sequence), embed_sequence(mm, sequence, unconditional=True)
                                       if settings.guided else None)
-    rows = [embedded[id(sequence)] for sequence in sequences]
+    repeats = len(sequences) if len(embedded) == 1 else 1
+    rows = [embedded[id(sequence)] for sequence in sequences[::repeats]]
     sampled = sample_tokens(
         mm,
         batch_prefix(mm, [conditional for conditional, _ in rows]),
@@ -143,6 +145,7 @@ def _sample_images(mm, sequences: list[PromptSequence], settings: SamplingSettin
         progress=progress,
         cancel=cancel,
         synced=synced,
+        repeats=repeats,
     )
     return GenerationResult(
         images=decode_rows(mm, sampled.tokens),

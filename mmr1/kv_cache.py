@@ -46,6 +46,14 @@ class PreallocatedCache(DynamicCache):
         self._expose(layer_idx, *filled)
         return filled
 
+    def broadcast(self, prefilled: "PreallocatedCache", repeats: int) -> None:
+        """Fill this (empty) cache with `prefilled`'s keys and values, each row `repeats` times in a row: rows
+        that share a prefix get the keys and values its single prefill computed."""
+        for layer_idx, (keys, values) in enumerate(prefilled._buffers):
+            filled = prefilled._filled[layer_idx]
+            self.update(keys[:, :, :filled].repeat_interleave(repeats, dim=0),
+                        values[:, :, :filled].repeat_interleave(repeats, dim=0), layer_idx)
+
     def _expose(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Let the inherited length queries (mask sizes, positions) see the filled views."""
         if hasattr(self, "layers"):  # transformers >= 4.54: one layer object per decoder layer

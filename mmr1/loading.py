@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from pickle import UnpicklingError
@@ -24,10 +25,11 @@ import torch
 from .embedded import resolve as resolve_embedded
 from .errors import InputError, ModelFolderError
 from .model import MMR1Model
+from .quantization import quantization_config
 from .tokens import PAD, PROCESSOR_EXTRA_SPECIAL_TOKENS, SpecialTokens, janus_tokenizer_class, mark_control_tokens
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
-ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")  # node option order: append only
 LAYOUT_HELP = (
     "Expected a folder with config.json (model_type 'janus' as deepseek-community/Janus-Pro-1B, or "
     "'multi_modality' as deepseek-ai/Janus-Pro-1B), the weights (*.safetensors, or pytorch_model*.bin), "
@@ -83,35 +85,71 @@ def load_model(
     device: str | torch.device | None = None,
     attn_implementation: str = "sdpa",
     compile_decoding: bool = False,
+    quantization: str = "none",
 ) -> MMR1Model:
     """Load the model, processor and special-token ids of a checkpoint folder in any supported layout
     (or of the embedded model, by its name `mmr1-world`).
 
     `compile_decoding` runs the samplers' decode steps through torch.compile (CUDA graphs on CUDA): the first
     generation of each batch size and length compiles (tens of seconds), later ones run faster.
+    `quantization` (mmr1.quantization: none, int8, nf4) quantizes the language model's linear layers as they load.
+    `attn_implementation` flash_attention_2 falls back to sdpa, saying so, where flash-attn or CUDA is missing.
     """
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    attn_implementation = usable_attention(attn_implementation, device)
+    quantized = quantization_config(quantization, torch_dtype)
+    path = _check_folder(resolve_embedded(folder))
+    if (path / "adapter_config.json").is_file():
+        if quantized is not None:
+            raise InputError(f"{path} is a LoRA adapter, merged into its base as it loads; quantization "
+                             f"{quantization} applies to full checkpoints: load it with quantization none, or "
+                             "quantize a checkpoint that training exported with the adapter merged.")
+        mm = _load_lora(path, torch_dtype, device, attn_implementation)
+    elif quantized is not None:  # bitsandbytes places the layers as it quantizes them: no .to() afterwards
+        mm = _load_full(path, torch_dtype, attn_implementation, quantization_config=quantized, device_map={"": device})
+    else:
+        mm = _load_full(path, torch_dtype, attn_implementation, device=device)
+    mm.compile_decoding = compile_decoding
+    return mm
+
+
+def usable_attention(attn_implementation: str, device: torch.device) -> str:
+    """The attention implementation to load with: flash_attention_2 only where flash-attn and CUDA are there
+    (else sdpa, with a warning that says why); an unknown name is an error."""
     if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
         raise InputError(
             f"Unknown attention implementation {attn_implementation!r}; choose one of "
             f"{', '.join(ATTENTION_IMPLEMENTATIONS)}."
         )
-    path = _check_folder(resolve_embedded(folder))
-    if (path / "adapter_config.json").is_file():
-        mm = _load_lora(path, torch_dtype, device, attn_implementation)
-    else:
-        layout = detect_layout(path)
-        _require_files(path)
-        processor = load_processor(path)
-        tokens = SpecialTokens.from_tokenizer(processor.tokenizer, str(path))
-        config = _janus_config(path, layout, tokens)
-        check_processor_fits(path, processor, config)
-        model = _load_janus(path, layout, config, torch_dtype, attn_implementation).to(device).eval()
-        check_finite(path, _named_tensors(model), torch_dtype)  # on the device, which reads them fastest
-        mm = MMR1Model(model, processor, tokens, path, layout)
-    mm.compile_decoding = compile_decoding
-    return mm
+    if attn_implementation != "flash_attention_2":
+        return attn_implementation
+    import importlib.util
+
+    missing = [why for why, absent in (("the flash-attn package is not installed (pip install flash-attn)",
+                                        importlib.util.find_spec("flash_attn") is None),
+                                       (f"it runs on CUDA GPUs and this model loads on {device.type}",
+                                        device.type != "cuda")) if absent]
+    if missing:
+        warnings.warn(f"flash_attention_2 is not available: {'; '.join(missing)}. Using sdpa (PyTorch's fused "
+                      "attention) instead.", stacklevel=3)
+        return "sdpa"
+    return attn_implementation
+
+
+def _load_full(path: Path, dtype: torch.dtype, attn_implementation: str, device: torch.device | None = None,
+               **placement) -> MMR1Model:
+    """A full checkpoint (either layout) moved to `device`, or placed as `placement` (quantization) says."""
+    layout = detect_layout(path)
+    _require_files(path)
+    processor = load_processor(path)
+    tokens = SpecialTokens.from_tokenizer(processor.tokenizer, str(path))
+    config = _janus_config(path, layout, tokens)
+    check_processor_fits(path, processor, config)
+    model = _load_janus(path, layout, config, dtype, attn_implementation, **placement)
+    model = (model if device is None else model.to(device)).eval()
+    check_finite(path, _named_tensors(model), dtype)  # on the device, which reads them fastest
+    return MMR1Model(model, processor, tokens, path, layout)
 
 
 TRAINING_RECORD = "mmr1_training.json"  # what training/ writes beside every checkpoint it exports
@@ -236,11 +274,11 @@ def check_processor_fits(folder: Path, processor, config) -> None:
     processor.num_image_tokens = vision.num_image_tokens
 
 
-def _load_janus(folder: Path, layout: str, config, dtype: torch.dtype, attn_implementation: str):
+def _load_janus(folder: Path, layout: str, config, dtype: torch.dtype, attn_implementation: str, **placement):
     from safetensors import SafetensorError
     from transformers import JanusForConditionalGeneration
 
-    kwargs = {"config": config, "attn_implementation": attn_implementation, _dtype_kwarg(): dtype}
+    kwargs = {"config": config, "attn_implementation": attn_implementation, _dtype_kwarg(): dtype, **placement}
     try:
         if layout == "hf":
             model, info = JanusForConditionalGeneration.from_pretrained(

@@ -7,7 +7,9 @@ lives inside transformers' `JanusForConditionalGeneration`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,6 +24,14 @@ if TYPE_CHECKING:
     from transformers import JanusForConditionalGeneration, JanusProcessor
 
 
+FEATURES_KEPT = 8  # reference sets whose understanding features stay (a few MB each on the 7B)
+
+
+def picture_key(image: Image.Image) -> tuple:
+    """What identifies a picture's content: mode, size and a digest of its pixels (a millisecond per megapixel)."""
+    return image.mode, image.size, hashlib.blake2b(image.tobytes(), digest_size=16).digest()
+
+
 @dataclass
 class MMR1Model:
     model: JanusForConditionalGeneration
@@ -30,6 +40,7 @@ class MMR1Model:
     source: Path
     layout: str  # "hf", "deepseek" or "lora"
     compile_decoding: bool = False  # decode steps through torch.compile (CUDA graphs on CUDA): see mmr1.decoding
+    features_kept: OrderedDict = field(default_factory=OrderedDict, repr=False, compare=False)
 
     @property
     def device(self) -> torch.device:
@@ -92,11 +103,21 @@ class MMR1Model:
     @torch.no_grad()
     def understanding_features(self, images: list[Image.Image]) -> torch.Tensor:
         """[N, tokens_per_image, vision_hidden] SigLIP features of reference images. The vision tower is frozen
-        (inference and training alike), so a group of rollouts computes them once and every row reuses them."""
+        (inference and training alike), so the features of the same pictures are computed once: grounding, the
+        subject image and the final images of one X-CoT run read them from `features_kept` (by the pictures'
+        content, the device, the dtype and inference mode, whose tensors autograd refuses)."""
         vision = self.model.model.vision_model
-        pixel_values = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
         dtype = next(vision.parameters()).dtype
-        return vision(pixel_values.to(self.device, dtype)).last_hidden_state
+        key = (str(self.device), dtype, torch.is_inference_mode_enabled(), tuple(map(picture_key, images)))
+        features = self.features_kept.pop(key, None)
+        if features is None:
+            pixel_values = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+            with torch.no_grad():
+                features = vision(pixel_values.to(self.device, dtype)).last_hidden_state
+        self.features_kept[key] = features  # the most recently used last
+        while len(self.features_kept) > FEATURES_KEPT:
+            self.features_kept.pop(next(iter(self.features_kept)))
+        return features
 
     def align_understanding(self, features: torch.Tensor) -> torch.Tensor:
         """[N, tokens_per_image, hidden] input embeddings from SigLIP features through the (trainable) aligner."""

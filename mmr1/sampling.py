@@ -193,8 +193,13 @@ def sample_tokens(
     progress: ProgressCallback | None = None,
     cancel: CancelCheck | None = None,
     synced: bool = False,
+    repeats: int = 1,
 ) -> SampledTokens:
     """Sample `num_tokens` tokens after `prefix` (B rows); with guidance `unconditional` gives the twin rows.
+
+    `repeats`: each prefix row stands for that many rows in a row (a prompt's images, a group's rollouts), which
+    sample B x repeats rows: the prefix is prefilled once per distinct row and its KV cache broadcast, and row i
+    still draws with seed + i, so the tokens are those of the prefix repeated (`decoding.repeat_rows`).
 
     `synced` (transformers' `synced_gpus`), when torch.distributed is initialised: a process whose rows have all
     stopped keeps stepping on pad tokens until every process's have, since under FSDP and ZeRO-3 each forward is a
@@ -205,8 +210,10 @@ def sample_tokens(
         raise ValueError("Guided sampling needs the unconditional prefix.")
     distributed = torch.distributed
     synced = synced and bool(stop_tokens) and distributed.is_available() and distributed.is_initialized()
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}.")
     rows = guided_rows(prefix, unconditional if settings.guided else None)
-    batch, device = prefix.embeds.shape[0], rows.embeds.device
+    batch, device = prefix.embeds.shape[0] * repeats, rows.embeds.device
     noise = None if settings.temperature == 0 else sampling_noise(seed, batch, num_tokens, device)
     tokens = torch.full((batch, num_tokens), pad_token, dtype=torch.long, device=device)
     logprobs = torch.zeros((batch, num_tokens), dtype=torch.float32, device=device) if return_logprobs else None
@@ -216,7 +223,7 @@ def sample_tokens(
     stop_ids = torch.tensor(stop_tokens, device=device)
     stopped_at: int | None = None  # the columns kept: up to the step where this process's rows had all stopped
 
-    decoding = decoding_for(mm, rows, num_tokens, modality.head, use_cache)
+    decoding = decoding_for(mm, rows, num_tokens, modality.head, use_cache, repeats)
     logits = decoding.prefill()
     for step in range(num_tokens):
         if cancel is not None and cancel():

@@ -65,14 +65,15 @@ DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu", "npu")  # accelerate gives each pro
 LR_SCHEDULER_TYPES = ("constant", "cosine")  # transformers' / TRL's lr_scheduler_type names
 
 
-def learning_rate_factor(step: int, warmup_steps: int, steps: int, scheduler_type: str) -> float:
-    """The peak learning rate's multiplier after `step` optimizer steps: linear warmup, then constant or cosine."""
+def learning_rate_factor(step: int, warmup_steps: int, steps: int, scheduler_type: str, floor: float = 0.0) -> float:
+    """The peak learning rate's multiplier after `step` optimizer steps: linear warmup, then constant or cosine
+    (down to `floor` at the last step)."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if scheduler_type == "constant":
         return 1.0
     progress = min(1.0, (step - warmup_steps) / max(1, steps - warmup_steps))
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return floor + (1 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 @dataclass(frozen=True)

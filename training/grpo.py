@@ -194,11 +194,11 @@ def rollout(mm, record: Record, config: GRPOConfig, reward_functions, seeds: tup
     with torch.no_grad(), clock("rollout"):
         features = mm.understanding_features(references) if references else None
         grounding_sequence = build_sequence(mm, record.prompt, references, stage="ground")
-        text_prefix = batch_prefix(mm, [embed_sequence(mm, grounding_sequence, reference_features=features)] * g)
+        text_prefix = batch_prefix(mm, [embed_sequence(mm, grounding_sequence, reference_features=features)])
         stops = reasoning_stop_tokens(mm)
-        text = sample_tokens(
+        text = sample_tokens(  # the group's G rollouts share the grounding prefix: prefilled once
             mm, text_prefix, Modality.text(mm), config.max_reasoning_tokens, config.reasoning_settings, seeds[0],
-            stop_tokens=stops, pad_token=mm.tokens.pad, return_logprobs=True, synced=synced,
+            stop_tokens=stops, pad_token=mm.tokens.pad, return_logprobs=True, synced=synced, repeats=g,
         )
         steps = torch.arange(text.tokens.shape[1], device=text.tokens.device)
         text_mask = (steps.unsqueeze(0) < text.lengths.unsqueeze(1)).float()

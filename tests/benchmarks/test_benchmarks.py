@@ -44,11 +44,18 @@ def test_sampler_benchmark_runs_every_contender():
     assert all(number(row[2]) > 0 for row in table.values())  # image tokens/s
 
 
-def test_xcot_benchmark_times_every_stage():
-    table = rows(run("xcot", "--images", "2"))
-    assert list(table) == ["1. grounding text", "2. subject tokens (VQ encode)",
-                           "3a. image prefix (embed references, subject)", "3b. image tokens", "3c. VQ decode"]
-    assert sum(number(row[1]) for row in table.values()) == pytest.approx(100, abs=3)  # shares add up
+def test_xcot_benchmark_times_every_stage_of_both_contenders():
+    output = run("xcot", "--images", "2")
+    table = rows(output)
+    stages = ["1. grounding text", "2. subject tokens (VQ encode)", "3a. image prefix (embed references, subject)",
+              "3b. image tokens", "3c. VQ decode"]
+    assert list(table) == [*stages, "end to end"]
+    for column in (0, 1):  # per row, shared prefix: the stages add up to the end-to-end time
+        assert sum(number(table[stage][column]) for stage in stages) == pytest.approx(
+            number(table["end to end"][column]), abs=0.005)
+    speedup = number(table["end to end"][0]) / number(table["end to end"][1])
+    assert number(table["end to end"][2]) == pytest.approx(speedup, abs=0.01)
+    assert "same image tokens from both: True" in output
 
 
 def test_grpo_step_benchmark_breaks_a_step_down():
@@ -57,10 +64,13 @@ def test_grpo_step_benchmark_breaks_a_step_down():
     table = rows(output)
     phases = ["rollout", "reward", "logprobs", "backward", "optimizer", "other (loss, logging, data)"]
     assert list(table) == [*phases, "step"]
-    parts = sum(number(table[phase][0]) for phase in phases)
-    assert parts == pytest.approx(number(table["step"][0]), rel=0.02)
-    assert number(table["rollout"][0]) > 0 and number(table["backward"][0]) > 0
-    assert re.search(r"samples/s: \d+\.\d+ \(2 rollouts per step\)", output)
+    for column in (0, 1):  # per row, shared prefix
+        parts = sum(number(table[phase][column]) for phase in phases)
+        assert parts == pytest.approx(number(table["step"][column]), rel=0.02)
+        assert number(table["rollout"][column]) > 0 and number(table["backward"][column]) > 0
+    rates = re.search(r"samples/s: per row (\d+\.\d+), shared prefix (\d+\.\d+) \((\d+\.\d+)x; 2 rollouts per step\)",
+                      output)
+    assert rates and float(rates[3]) == pytest.approx(float(rates[2]) / float(rates[1]), rel=0.1)  # of 2-decimal figures
 
 
 def test_load_benchmark_compares_with_reading_the_files(tmp_path):

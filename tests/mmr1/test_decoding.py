@@ -77,9 +77,15 @@ def test_torch_compile_samples_what_eager_samples(tiny_model, temperature):
     assert torch.allclose(compiled.logprobs, eager.logprobs, atol=1e-4)
 
 
-def test_compiled_decoding_reuses_its_buffers_for_runs_of_one_shape(tiny_model, monkeypatch):
-    """CUDA graphs replay at fixed addresses: a second run of the same shape writes into the first run's cache,
-    slot and positions (and samples what eager sampling does, stale slots notwithstanding)."""
+def addresses(state) -> list[int]:
+    return [tensor.data_ptr() for pair in state.cache.buffers for tensor in pair] + [
+        state.cache.slot.data_ptr(), state.positions.data_ptr()]
+
+
+def test_compiled_decoding_keeps_one_state_per_shape_and_reuses_it(tiny_model, monkeypatch):
+    """CUDA graphs replay at fixed addresses: a run of a shape seen before writes into that shape's cache, slot and
+    positions (and samples what eager sampling does, stale slots notwithstanding), even after runs of other shapes;
+    past COMPILED_SHAPES_KEPT shapes the least recently used goes."""
     monkeypatch.setattr(decoding, "compiled_decode_step", lambda mode: decoding.decode_step)
     mm = dataclasses.replace(tiny_model, compile_decoding=True)
     settings = SamplingSettings(cfg_scale=3.0, temperature=0)
@@ -90,17 +96,70 @@ def test_compiled_decoding_reuses_its_buffers_for_runs_of_one_shape(tiny_model, 
         return sample_tokens(model, conditional, Modality.image(model), 16, settings, seed=0,
                              unconditional=unconditional).tokens
 
-    def addresses() -> list[int]:
-        state = decoding.compiled_state(mm.language_model)
-        return [tensor.data_ptr() for pair in state.cache.buffers for tensor in pair] + [
-            state.cache.slot.data_ptr(), state.positions.data_ptr()]
+    def states() -> dict[int, list[int]]:  # rows of each kept shape -> its addresses
+        return {state.shape[0]: addresses(state) for state in decoding.compiled_states(mm.language_model)}
 
     sample(mm, PROMPTS)
-    first = addresses()
+    first = states()
     other_prompts = ["a blue dog in the snow", "a small red toy car"]
     assert torch.equal(sample(mm, other_prompts), sample(tiny_model, other_prompts))
-    assert addresses() == first
-    sample(mm, [*PROMPTS, "a cat"])  # three rows: another shape replaces the state
-    assert decoding.compiled_state(mm.language_model).shape[0] == 6
+    assert states() == first
+    sample(mm, [*PROMPTS, "a cat"])  # three rows: a second shape beside the first
+    sample(mm, PROMPTS)
+    assert states()[4] == first[4] and set(states()) == {4, 6}
+    for extra in range(2, 2 + decoding.COMPILED_SHAPES_KEPT):
+        sample(mm, [*PROMPTS, *["a cat"] * extra])  # the shape of 4 rows is now the least recently used
+    assert 4 not in states() and len(states()) == decoding.COMPILED_SHAPES_KEPT
     decoding.release_compiled_state(mm.language_model)
-    assert decoding.compiled_state(mm.language_model) is None
+    assert decoding.compiled_states(mm.language_model) == []
+
+
+def test_an_xcot_run_twice_reallocates_nothing(tiny_model, monkeypatch):
+    """Grounding text and image tokens have shapes of their own: the second X-CoT run finds both states."""
+    from mmr1.generation import generate
+    from mmr1.xcot import ground
+    from tests.conftest import subject_image
+
+    monkeypatch.setattr(decoding, "compiled_decode_step", lambda mode: decoding.decode_step)
+    mm = dataclasses.replace(tiny_model, compile_decoding=True)
+    decoding.release_compiled_state(mm.language_model)
+
+    def xcot() -> torch.Tensor:
+        grounding = ground(mm, [subject_image()], "a dog on the beach", max_new_tokens=6, seed=1)
+        return generate(mm, "a dog on the beach", grounding, num_images=2,
+                        settings=SamplingSettings(cfg_scale=3.0), seed=3).tokens
+
+    first_tokens = xcot()
+    first = [addresses(state) for state in decoding.compiled_states(mm.language_model)]
+    assert len(first) == 2
+    assert torch.equal(xcot(), first_tokens)
+    assert [addresses(state) for state in decoding.compiled_states(mm.language_model)] == first
+    decoding.release_compiled_state(mm.language_model)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_shared_prefix_is_prefilled_once_and_samples_what_repeated_rows_sample(tiny_model, monkeypatch, compiled):
+    """Rows that share a prefix (repeats) draw the tokens and log-probs the same prefix repeated row by row
+    draws, while the language model's prefill sees one row per distinct prefix and guidance twin."""
+    monkeypatch.setattr(decoding, "compiled_decode_step", lambda mode: decoding.decode_step)
+    mm = dataclasses.replace(tiny_model, compile_decoding=compiled)
+    decoding.release_compiled_state(mm.language_model)
+    conditional, unconditional = guided_prefix(mm, PROMPTS)
+    settings = SamplingSettings(cfg_scale=3.0, temperature=1.0)
+    repeated = [decoding.repeat_rows(prefix, 3) for prefix in (conditional, unconditional)]
+    widths = []
+    hook = mm.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(tuple(kwargs["inputs_embeds"].shape[:2])), with_kwargs=True)
+    try:
+        shared = sample_tokens(mm, conditional, Modality.image(mm), 12, settings, seed=4, unconditional=unconditional,
+                               return_logprobs=True, repeats=3)
+        prefill_shape = widths[0]
+        each = sample_tokens(mm, repeated[0], Modality.image(mm), 12, settings, seed=4, unconditional=repeated[1],
+                             return_logprobs=True)
+    finally:
+        hook.remove()
+        decoding.release_compiled_state(mm.language_model)
+    assert prefill_shape == (4, conditional.embeds.shape[1])  # 2 prompts x (conditional, unconditional)
+    assert shared.tokens.shape == (6, 12)
+    assert torch.equal(shared.tokens, each.tokens)
+    assert torch.allclose(shared.logprobs, each.logprobs, atol=1e-5)

@@ -182,3 +182,33 @@ def test_text_without_control_token_strings_keeps_its_ids(layout_model):
              " " + format_reasoning("a dog", "a red dog", "the dog on a table at night")]
     for text in texts:
         assert mm.tokenize(text) == mm.tokenize_template(text)
+
+
+def test_reference_features_are_computed_once_per_picture_set(tiny_model):
+    """Grounding, the subject image and the final images embed the same references: the vision tower runs once
+    for them, again for other pictures (or the same pictures changed), and inference-mode features never reach a
+    run with autograd (which refuses them)."""
+    from PIL import ImageDraw
+
+    calls = []
+    hook = tiny_model.model.model.vision_model.register_forward_hook(lambda *args: calls.append(1))
+    tiny_model.features_kept.clear()
+    try:
+        references = [subject_image(), subject_image(colour=(20, 200, 40))]
+        first = tiny_model.understanding_features(references)
+        again = tiny_model.understanding_features([image.copy() for image in references])  # same pixels
+        assert len(calls) == 1 and again is first
+        changed = references[0].copy()
+        ImageDraw.Draw(changed).point((0, 0), fill=(255, 255, 255))
+        tiny_model.understanding_features([changed, references[1]])
+        assert len(calls) == 2
+        with torch.inference_mode():
+            inference = tiny_model.understanding_features(references)
+        assert len(calls) == 3 and inference.is_inference() and not first.is_inference()
+        sequence = build_sequence(tiny_model, "a dog", references)
+        embed_sequence(tiny_model, sequence).sum().backward()  # autograd through the aligner, no inference tensor
+        assert len(calls) == 3
+    finally:
+        hook.remove()
+        tiny_model.features_kept.clear()
+        tiny_model.model.zero_grad(set_to_none=True)

@@ -140,7 +140,7 @@ def test_the_parse_finds_every_pack_node():
         "MMR1LoadModel", "MMR1SubjectGrounding", "MMR1PersonalizedGenerate", "MMR1LoadReward", "MMR1RewardScore"
     }
     # Spot checks against GET /object_info of a running server (input_order and control_after_generate).
-    assert PACK["MMR1LoadModel"].widgets == ["model", "dtype", "attention", "offload", "compile"]
+    assert PACK["MMR1LoadModel"].widgets == ["model", "dtype", "attention", "offload", "compile", "quantization"]
     assert PACK["MMR1SubjectGrounding"].widgets == [
         "prompt", "max_new_tokens", "temperature", "seed", CONTROL, "subject_tokens"
     ]
