@@ -254,7 +254,8 @@ def batch_rows(monkeypatch) -> list[int]:
     rows, sample = [], mmr1.generation.sample_tokens
 
     def spy(mm, prefix, *args, **kwargs):
-        rows.append(prefix.embeds.shape[0] * (2 if kwargs.get("unconditional") is not None else 1))
+        rows.append(prefix.embeds.shape[0] * kwargs.get("repeats", 1)
+                    * (2 if kwargs.get("unconditional") is not None else 1))
         return sample(mm, prefix, *args, **kwargs)
 
     monkeypatch.setattr(mmr1.generation, "sample_tokens", spy)
@@ -285,7 +286,8 @@ def test_many_images_are_drawn_in_bounded_batches_and_written_as_they_finish(tin
     out, seen, sample = tmp_path / "out", [], mmr1.generation.sample_tokens
 
     def spy(mm, prefix, *args, **kwargs):
-        seen.append((prefix.embeds.shape[0], [path.name for path in pngs(out)] if out.is_dir() else []))
+        rows = prefix.embeds.shape[0] * kwargs.get("repeats", 1)  # one prompt's images share one prefix row
+        seen.append((rows, [path.name for path in pngs(out)] if out.is_dir() else []))
         return sample(mm, prefix, *args, **kwargs)
 
     monkeypatch.setattr(mmr1.generation, "sample_tokens", spy)

@@ -109,7 +109,7 @@ def test_recipes_come_from_the_package_whatever_the_working_directory(tmp_path, 
         sft_values["steps"], sft_values["learning_rate"], grpo_values["steps"], grpo_values["cfg_scale"])
     assert (sft.model, sft.data, sft.output_dir) == (out / "base", out / "data" / "sft" / "records.jsonl", out / "sft")
     assert (grpo.model, grpo.output_dir) == (out / "sft" / "final", out / "grpo")
-    assert grpo.rewards == (f"clip_i={out / 'reward'}@1", f"clip_t={out / 'reward'}@1", "format@0.1")
+    assert grpo.rewards == (f"clip_i={out / 'reward'}@1", f"clip_t={out / 'reward'}@0.5", "format@0.1")
     # a path that is not a packaged name is the user's own file, from the working directory
     text = (CONFIGS / "sft.toml").read_text()
     assert f"\nsteps = {sft_values['steps']}\n" in text
