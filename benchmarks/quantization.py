@@ -22,8 +22,9 @@ from benchmarks.common import apply_threads, gib, machine, table
 
 def linear_and_rest(model: torch.nn.Module, measure) -> tuple[float, float]:
     """(the language model's linear layers, everything else) of `model` by `measure(module)`, in bytes."""
-    linears = [module for name, module in model.model.language_model.named_modules() if name.endswith("_proj")]
-    linear = sum(measure(module) for module in linears)
+    from mmr1.quantization import quantized_layers
+
+    linear = sum(measure(module) for module in quantized_layers(model))
     return linear, measure(model) - linear
 
 

@@ -97,7 +97,8 @@ class CachedDecoding(Decoding):
 
 class UncachedDecoding(Decoding):
     def __init__(self, mm, rows: BatchedPrefix, num_tokens: int, head: Head, repeats: int = 1) -> None:
-        super().__init__(mm, repeat_rows(rows, repeats), num_tokens, head)  # the floor: shares nothing
+        rows = repeat_rows(rows, repeats)  # the floor: shares nothing
+        super().__init__(mm, rows, num_tokens, head)
         self.embeds = rows.embeds.new_empty(rows.embeds.shape[0], self.capacity, rows.embeds.shape[2])
         self.embeds[:, : self.prefix_length] = rows.embeds
         self.positions = torch.cat([rows.position_ids, self.next_positions], dim=1)

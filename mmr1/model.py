@@ -112,8 +112,7 @@ class MMR1Model:
         features = self.features_kept.pop(key, None)
         if features is None:
             pixel_values = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
-            with torch.no_grad():
-                features = vision(pixel_values.to(self.device, dtype)).last_hidden_state
+            features = vision(pixel_values.to(self.device, dtype)).last_hidden_state
         self.features_kept[key] = features  # the most recently used last
         while len(self.features_kept) > FEATURES_KEPT:
             self.features_kept.pop(next(iter(self.features_kept)))

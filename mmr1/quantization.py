@@ -66,6 +66,12 @@ def import_backend() -> None:
         quiet.setLevel(level)
 
 
+def quantized_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The linear layers of a JanusForConditionalGeneration that quantization replaces (the language model's
+    projections), whichever choice it was loaded with."""
+    return [module for name, module in model.model.language_model.named_modules() if name.endswith("_proj")]
+
+
 def weight_bytes(module: torch.nn.Module) -> int:
     """Bytes the module's weights take: parameters and buffers at their stored size, and bitsandbytes' scales
     (the int8 row scales, the nf4 block absmax and its double-quantization state), which are not parameters."""

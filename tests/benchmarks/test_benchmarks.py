@@ -73,6 +73,15 @@ def test_grpo_step_benchmark_breaks_a_step_down():
     assert rates and float(rates[3]) == pytest.approx(float(rates[2]) / float(rates[1]), rel=0.1)  # of 2-decimal figures
 
 
+def test_quantization_benchmark_measures_every_choice_and_projects_another_shape():
+    table_rows = [line for line in run("quantization", "--shape", "tiny", "--project", "janus-pro-1b").splitlines()
+                  if line.startswith("| tiny") or line.startswith("| janus-pro-1b")]
+    assert [row.split("|")[1:3] for row in table_rows] == [
+        [f" {shape} ", f" {choice} "] for shape in ("tiny", "janus-pro-1b") for choice in ("none", "int8", "nf4")]
+    ratios = [number(row.split("|")[6].strip()) for row in table_rows]
+    assert ratios[0] == ratios[3] == 1.0 and all(ratio < 1.0 for ratio in ratios[1:3] + ratios[4:])
+
+
 def test_load_benchmark_compares_with_reading_the_files(tmp_path):
     output = run("load", "--shape", "tiny", "--folder", str(tmp_path / "tiny"), "--repeats", "1")
     table = rows(output)

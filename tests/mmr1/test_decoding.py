@@ -137,8 +137,9 @@ def test_an_xcot_run_twice_reallocates_nothing(tiny_model, monkeypatch):
     decoding.release_compiled_state(mm.language_model)
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_a_shared_prefix_is_prefilled_once_and_samples_what_repeated_rows_sample(tiny_model, monkeypatch, compiled):
+@pytest.mark.parametrize("compiled, use_cache", [(False, True), (True, True), (False, False)])
+def test_a_shared_prefix_is_prefilled_once_and_samples_what_repeated_rows_sample(tiny_model, monkeypatch, compiled,
+                                                                               use_cache):
     """Rows that share a prefix (repeats) draw the tokens and log-probs the same prefix repeated row by row
     draws, while the language model's prefill sees one row per distinct prefix and guidance twin."""
     monkeypatch.setattr(decoding, "compiled_decode_step", lambda mode: decoding.decode_step)
@@ -152,14 +153,15 @@ def test_a_shared_prefix_is_prefilled_once_and_samples_what_repeated_rows_sample
         lambda module, args, kwargs: widths.append(tuple(kwargs["inputs_embeds"].shape[:2])), with_kwargs=True)
     try:
         shared = sample_tokens(mm, conditional, Modality.image(mm), 12, settings, seed=4, unconditional=unconditional,
-                               return_logprobs=True, repeats=3)
+                               return_logprobs=True, repeats=3, use_cache=use_cache)
         prefill_shape = widths[0]
         each = sample_tokens(mm, repeated[0], Modality.image(mm), 12, settings, seed=4, unconditional=repeated[1],
                              return_logprobs=True)
     finally:
         hook.remove()
         decoding.release_compiled_state(mm.language_model)
-    assert prefill_shape == (4, conditional.embeds.shape[1])  # 2 prompts x (conditional, unconditional)
+    # 2 prompts x (conditional, unconditional); the no-cache floor shares nothing
+    assert prefill_shape == (4 if use_cache else 12, conditional.embeds.shape[1])
     assert shared.tokens.shape == (6, 12)
     assert torch.equal(shared.tokens, each.tokens)
     assert torch.allclose(shared.logprobs, each.logprobs, atol=1e-5)

@@ -12,17 +12,13 @@ import torch
 from mmr1.errors import InputError
 from mmr1.generation import generate
 from mmr1.loading import load_model
-from mmr1.quantization import FULL_PRECISION_MODULES, QUANTIZATIONS, weight_bytes
+from mmr1.quantization import FULL_PRECISION_MODULES, QUANTIZATIONS, quantized_layers, weight_bytes
 from mmr1.sampling import SamplingSettings
 
 transformers_major, transformers_minor = (int(part) for part in __import__("transformers").__version__.split(".")[:2])
 pytestmark = pytest.mark.skipif(
     (transformers_major, transformers_minor) < (4, 56),  # the CI's oldest-transformers run; the main run has them
     reason="bitsandbytes on the CPU needs transformers >= 4.56")
-
-
-def linear_layers(mm) -> list[torch.nn.Module]:
-    return [module for name, module in mm.language_model.named_modules() if name.endswith(("_proj",))]
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +29,8 @@ def loaded(tiny_hf_dir):
 @pytest.mark.parametrize("choice, kind, most", [("int8", "Linear8bitLt", 0.30), ("nf4", "Linear4bit", 0.20)])
 def test_the_language_model_is_quantized_and_shrinks(loaded, choice, kind, most):
     full, quantized = loaded["none"], loaded[choice]
-    assert {type(layer).__name__ for layer in linear_layers(quantized)} == {kind}
-    ratio = sum(map(weight_bytes, linear_layers(quantized))) / sum(map(weight_bytes, linear_layers(full)))
+    assert {type(layer).__name__ for layer in quantized_layers(quantized.model)} == {kind}
+    ratio = sum(map(weight_bytes, quantized_layers(quantized.model))) / sum(map(weight_bytes, quantized_layers(full.model)))
     assert ratio < most  # fp32 -> int8 is a quarter, nf4 an eighth, plus their scales
     for name in FULL_PRECISION_MODULES:  # the VQ, vision tower, aligners and heads keep the loading dtype
         module = quantized.model.get_submodule(name)
