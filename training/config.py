@@ -127,9 +127,9 @@ def config_from_args(cls: type[T], description: str, argv: list[str] | None = No
     for field in dataclasses.fields(cls):
         default = None if field.default is dataclasses.MISSING else field.default
         allowed = _rule(cls, field.name, "range")
+        text = f"{field.metadata.get('help', '')} (default: {default}{f'; {allowed}' if allowed else ''})"
         parser.add_argument(f"--{field.name}", default=None, metavar="VALUE",
-                            help=f"{field.metadata.get('help', '')} (default: {default}"
-                                 f"{f'; {allowed}' if allowed else ''})")
+                            help=text.replace("%", "%%"))  # argparse formats help with %: "60 %" would crash it
     args = parser.parse_args(argv)
     values: dict[str, Any] = {}
     if args.config is not None:
