@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .errors import InputError
+from .offline import hub_offline
 
 QUANTIZATIONS = ("none", "int8", "nf4")  # node option order is a contract: append only
 # JanusForConditionalGeneration modules kept in the loading dtype, by path from the model's root (transformers'
@@ -53,16 +54,13 @@ def import_backend() -> None:
     its own CPU kernels, and the warning it logs about that is kept quiet."""
     import logging
 
-    import huggingface_hub.constants as hub
-
     quiet = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    offline, level = hub.HF_HUB_OFFLINE, quiet.level
-    hub.HF_HUB_OFFLINE = True
+    level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        import bitsandbytes  # noqa: F401
+        with hub_offline():
+            import bitsandbytes  # noqa: F401
     finally:
-        hub.HF_HUB_OFFLINE = offline
         quiet.setLevel(level)
 
 

@@ -15,6 +15,7 @@ import folder_paths
 
 from ..mmr1.embedded import MODEL_NAME, REWARD_NAME, embedded_path
 from ..mmr1.errors import MMR1Error, ModelFolderError
+from ..mmr1.rewards.dreamsim import holds_dreamsim
 
 MODELS = "mmr1"
 REWARDS = "mmr1_rewards"
@@ -40,7 +41,7 @@ def list_model_folders(kind: str) -> list[str]:
             continue
         for folder, subfolders, files in os.walk(root, followlinks=True):
             depth = len(Path(folder).relative_to(root).parts)
-            if any(marker in files for marker in _MARKERS) and depth > 0:
+            if depth > 0 and (any(marker in files for marker in _MARKERS) or holds_dreamsim(Path(folder))):
                 names.add(Path(folder).relative_to(root).as_posix())
                 subfolders.clear()  # a model folder's own subfolders are not models
             elif depth >= _MAX_DEPTH:

@@ -1,4 +1,5 @@
-"""Reward nodes: Load MMR1 Reward (a DINO / DINOv2 / CLIP / PickScore folder) and Reward Score (best-of-N)."""
+"""Reward nodes: Load MMR1 Reward (a DINO / DINOv2 / CLIP / PickScore / DreamSim folder) and Reward Score
+(best-of-N)."""
 
 from __future__ import annotations
 
@@ -19,14 +20,14 @@ class LoadMMR1Reward(io.ComfyNode):
             display_name="Load MMR1 Reward",
             category=CATEGORY,
             description=(
-                "Loads a reward model from models/mmr1_rewards: subject fidelity (DINO ViT, DINOv2, CLIP-I: "
-                "cosine to the references) or text alignment (CLIP-T, PickScore: agreement with the prompt)."
+                "Loads a reward model from models/mmr1_rewards: subject fidelity (DINO ViT, DINOv2, CLIP-I, "
+                "DreamSim: cosine to the references) or text alignment (CLIP-T, PickScore: agreement with the prompt)."
             ),
             inputs=[
                 io.Combo.Input("model", options=paths.list_model_folders(paths.REWARDS),
-                               tooltip="A transformers folder under models/mmr1_rewards."),
+                               tooltip="A transformers folder (or a DreamSim folder) under models/mmr1_rewards."),
                 io.Combo.Input("metric", options=list(REWARD_KINDS), default="dino",
-                               tooltip="dino/dinov2/clip_i compare with references; clip_t/pickscore with the prompt."),
+                               tooltip="dino/dinov2/clip_i/dreamsim compare with references; clip_t/pickscore with the prompt."),
                 io.Float.Input("weight", default=1.0, min=-100.0, max=100.0, step=0.05,
                                tooltip="Weight of this reward in Reward Score's total."),
             ],

@@ -103,7 +103,8 @@ def rewards_dirs(tmp_path_factory) -> dict[str, Path]:
     clip = make_tiny_reward_checkpoint(root / "clip", "clip_i", seed=0)
     return {"dino": make_tiny_reward_checkpoint(root / "dino", "dino", seed=0),
             "dinov2": make_tiny_reward_checkpoint(root / "dinov2", "dinov2", seed=0),
-            "clip_i": clip, "clip_t": clip, "pickscore": clip}
+            "clip_i": clip, "clip_t": clip, "pickscore": clip,
+            "dreamsim": make_tiny_reward_checkpoint(root / "dreamsim", "dreamsim", seed=0)}
 
 
 @pytest.fixture(scope="module")

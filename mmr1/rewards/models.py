@@ -1,4 +1,5 @@
-"""Reward and metric models (DINO, DINOv2, CLIP-I, CLIP-T, PickScore) loaded from local folders.
+"""Reward and metric models (DINO, DINOv2, CLIP-I, CLIP-T, PickScore; DreamSim in dreamsim.py) loaded from local
+folders.
 
 The definitions follow DreamBooth / DreamBench: subject fidelity is the cosine similarity between the embedding of a
 generated image and the embeddings of the real reference images, averaged over the references; text alignment is the
@@ -30,7 +31,7 @@ from ..images import to_rgb
 from ..loading import read_json
 
 
-REWARD_KINDS = ("dino", "dinov2", "clip_i", "clip_t", "pickscore")
+REWARD_KINDS = ("dino", "dinov2", "clip_i", "clip_t", "pickscore", "dreamsim")
 
 _WEIGHT_FILES = (
     "model.safetensors",
@@ -332,11 +333,15 @@ def load_reward_model(
     """
     from ..loading import check_finite, check_load_report, pickle_error, refused_pickle, resolve_device
 
-    if kind not in _KIND_SPECS:
+    if kind not in REWARD_KINDS:
         raise InputError(f"Unknown reward kind {kind!r}; expected one of {', '.join(REWARD_KINDS)}.")
-    spec = _KIND_SPECS[kind]
     device = resolve_device(device)  # the check the Janus loader makes: `score --device cuda` without CUDA
     folder = resolve_embedded(folder)
+    if kind == "dreamsim":  # the dreamsim package's own classes, not a transformers folder
+        from .dreamsim import load_dreamsim
+
+        return load_dreamsim(folder, device, dtype)
+    spec = _KIND_SPECS[kind]
     model_type = _read_config(folder).get("model_type")
     if model_type != spec.model_type:
         raise ModelFolderError(

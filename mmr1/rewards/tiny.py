@@ -175,19 +175,46 @@ def _build_clip(out_dir: Path, seed: int) -> None:
     build_clip_folder(out_dir, seed)
 
 
+def _build_dreamsim(out_dir: Path, seed: int) -> None:
+    """A random DreamSim clip_vitb32 folder (dreamsim's ViT-B/32 backbone and a LoRA adapter, as its release zip
+    unpacks). dreamsim's classes fix the ViT-B size, so this one is not tiny: 88 M parameters, stored in fp16."""
+    from ..offline import hub_offline
+
+    with hub_offline():  # peft's import may ask the Hub for bitsandbytes kernels
+        from dreamsim.config import dreamsim_args
+        from dreamsim.feature_extraction.vision_transformer import vit_base
+        from dreamsim.model import PerceptualModel
+        from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    backbone = vit_base(patch_size=32)
+    backbone.pos_drop = torch.nn.LayerNorm(backbone.embed_dim)  # where dreamsim's CLIP backbones keep ln_pre
+    state = {**backbone.state_dict(), "proj": torch.randn(backbone.embed_dim, 512) * backbone.embed_dim ** -0.5}
+    # fp16 backbone (half the file); the projection stays fp32, as dreamsim keeps it outside the module's tensors
+    torch.save({"state_dict": {name: tensor if name == "proj" else tensor.half() for name, tensor in state.items()}},
+               out_dir / "clip_vitb32_pretrain.pth.tar")
+    model = PerceptualModel(**dreamsim_args["model_config"]["clip_vitb32"], device="cpu", load_dir=str(out_dir),
+                            normalize_embeds=True)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, bias="none", target_modules=["qkv"],
+                      init_lora_weights=False)  # random B as well as A: the adapter changes the scores
+    get_peft_model(model, lora).save_pretrained(out_dir / "clip_vitb32_single_lora")
+
+
 _BUILDERS = {
     "dino": _build_dino,
     "dinov2": _build_dinov2,
     "clip_i": _build_clip,
     "clip_t": _build_clip,
     "pickscore": _build_clip,
+    "dreamsim": _build_dreamsim,
 }
 
 
 def make_tiny_reward_checkpoint(out_dir: str | os.PathLike, kind: str, seed: int = 0) -> Path:
     """Write a complete tiny random folder (weights, config, preprocessor, tokenizer) that `load_reward_model` reads.
 
-    clip_i, clip_t and pickscore share one CLIP layout, as their real checkpoints do.
+    clip_i, clip_t and pickscore share one CLIP layout, as their real checkpoints do; dreamsim needs the dreamsim
+    package.
     """
     if kind not in _BUILDERS:
         raise InputError(f"Unknown reward kind {kind!r}; expected one of {', '.join(REWARD_KINDS)}.")

@@ -1,5 +1,6 @@
 """Tests for mmr1.rewards on tiny random checkpoints built offline (no download, no network)."""
 
+import importlib.util
 import re
 import shutil
 import socket
@@ -27,8 +28,12 @@ from mmr1.rewards import (
 )
 
 
-REFERENCE_KINDS = ("dino", "dinov2", "clip_i")
+REFERENCE_KINDS = ("dino", "dinov2", "clip_i", "dreamsim")
 PROMPT_KINDS = ("clip_t", "pickscore")
+# dreamsim needs the dreamsim package (and torchvision): installed in CI's main run, not in the transformers-4.52
+# venv of tests/mmr1, where its tests skip
+HAS_DREAMSIM = importlib.util.find_spec("dreamsim") is not None
+TRANSFORMERS_KINDS = tuple(kind for kind in REWARD_KINDS if kind != "dreamsim")
 HF_MODEL_CLASS = {"dino": "ViTModel", "dinov2": "Dinov2Model"}
 
 
@@ -50,6 +55,7 @@ def folders(tmp_path_factory) -> dict[str, Path]:
         "clip_i": clip,
         "clip_t": clip,
         "pickscore": clip,
+        **({"dreamsim": make_tiny_reward_checkpoint(root / "dreamsim", "dreamsim", seed=0)} if HAS_DREAMSIM else {}),
     }
 
 
@@ -62,7 +68,15 @@ def rewards(folders):
     """Every kind loaded once, with sockets refused: loading must not reach for the Hub, offline mode or not."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(socket.socket, "connect", _refuse_connection)
-        return {kind: load_reward_model(kind, folders[kind]) for kind in REWARD_KINDS}
+        loaded = {kind: load_reward_model(kind, folders[kind]) for kind in folders}
+    return Loaded(loaded)
+
+
+class Loaded(dict):
+    """The loaded rewards; a kind whose package is missing here skips the test that asks for it."""
+
+    def __missing__(self, kind: str):
+        pytest.skip(f"the {kind} reward's package is not installed in this environment")
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +112,7 @@ def test_each_kind_scores_one_float32_per_image(rewards, images, references, kin
     assert torch.isfinite(scores).all()
 
 
-@pytest.mark.parametrize("kind", REWARD_KINDS)
+@pytest.mark.parametrize("kind", TRANSFORMERS_KINDS)  # dreamsim's own preprocessing is torchvision's
 def test_image_processor_does_not_need_torchvision(rewards, kind):
     backends = [cls.__name__ for cls in type(rewards[kind].image_processor).__mro__]
     assert "TorchvisionBackend" not in backends
@@ -114,6 +128,15 @@ def test_image_identical_to_single_reference_scores_one(rewards, images, kind):
 @pytest.mark.parametrize("kind", REFERENCE_KINDS)
 def test_subject_fidelity_matches_dreambench_definition(rewards, folders, images, references, kind):
     reward = rewards[kind]
+    if kind == "dreamsim":  # DreamSim's own definition: 1 - its distance, from its own loader and forward
+        dreamsim = pytest.importorskip("dreamsim")
+        model, preprocess = dreamsim.dreamsim(pretrained=True, device="cpu", cache_dir=str(folders[kind]),
+                                              dreamsim_type="clip_vitb32")
+        with torch.no_grad():
+            expected = torch.stack([torch.stack([1 - model(preprocess(image), preprocess(reference))[0]
+                                                 for reference in references]).mean() for image in images])
+        torch.testing.assert_close(reward.score(images, references=references), expected, atol=1e-5, rtol=1e-5)
+        return
     with torch.no_grad():
         if kind == "clip_i":
             model = transformers.CLIPModel.from_pretrained(folders[kind]).eval()
@@ -301,7 +324,7 @@ def _broken_copy(source: Path, target: Path, *remove: str) -> Path:
 
 
 def test_unknown_kind_lists_reward_kinds(folders):
-    with pytest.raises(InputError, match="'clip'.*dino, dinov2, clip_i, clip_t, pickscore"):
+    with pytest.raises(InputError, match="'clip'.*dino, dinov2, clip_i, clip_t, pickscore, dreamsim"):
         load_reward_model("clip", folders["clip_i"])
     with pytest.raises(InputError, match="dino, dinov2"):
         make_tiny_reward_checkpoint(folders["clip_i"], "clip")
@@ -504,3 +527,55 @@ def test_non_finite_weights_are_refused_naming_the_tensor(folders, tmp_path, kin
     leaf = name.rsplit(".", 1)[1]  # the model's name for it: transformers 5 renames the file's
     with pytest.raises(ModelFolderError, match=f"{re.escape(str(folder))} hold NaN or infinite values, in [^,]+\\.{leaf}\\.$"):
         load_reward_model(kind, folder)
+
+
+# --- DreamSim (mmr1/rewards/dreamsim.py) -------------------------------------------------------------------------
+
+
+def _dreamsim_layout(folder: Path, kind: str = "clip_vitb32") -> Path:
+    """Empty files in the layout of one DreamSim type (enough for the folder checks)."""
+    from mmr1.rewards.dreamsim import DREAMSIM_TYPES
+
+    for name in DREAMSIM_TYPES[kind]:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).touch()
+    return folder
+
+
+def test_dreamsim_folder_names_what_is_missing(tmp_path):
+    with pytest.raises(ModelFolderError, match="none of DreamSim's models.*clip_vitb32: clip_vitb32_single_lora"):
+        load_reward_model("dreamsim", tmp_path)
+    (_dreamsim_layout(tmp_path) / "clip_vitb32_pretrain.pth.tar").unlink()
+    with pytest.raises(ModelFolderError, match=r"\(clip_vitb32\) is incomplete; missing: clip_vitb32_pretrain.pth.tar"):
+        load_reward_model("dreamsim", tmp_path)
+    _dreamsim_layout(tmp_path / "ensemble", "ensemble")
+    (tmp_path / "ensemble" / "checkpoints" / "dino_vitbase16_pretrain.pth").unlink()
+    with pytest.raises(ModelFolderError, match="ensemble.*missing: checkpoints/dino_vitbase16_pretrain.pth"):
+        load_reward_model("dreamsim", tmp_path / "ensemble")
+
+
+def test_dreamsim_without_its_package_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "dreamsim", None)
+    with pytest.raises(InputError, match=r'pip install "mmr1-personalization\[dreamsim\]"'):
+        load_reward_model("dreamsim", _dreamsim_layout(tmp_path))
+
+
+def test_dreamsim_download_attempts_are_refused_and_hub_dir_restored(tmp_path):
+    from mmr1.rewards.dreamsim import _no_downloads
+
+    before = torch.hub.get_dir()
+    with pytest.raises(ModelFolderError, match="tried to download https://example.org/x.zip"):
+        with _no_downloads():
+            torch.hub.set_dir(str(tmp_path))
+            torch.hub.download_url_to_file("https://example.org/x.zip", str(tmp_path / "x.zip"))
+    assert torch.hub.get_dir() == before
+
+
+def test_dreamsim_in_bf16_follows_fp32(rewards, folders, images, references):
+    full = rewards["dreamsim"].score(images, references=references)  # skips without the dreamsim package
+    bf16 = load_reward_model("dreamsim", folders["dreamsim"], dtype=torch.bfloat16)
+    torch.testing.assert_close(bf16.score(images, references=references), full, atol=0.03, rtol=0)
+
+
+def test_dreamsim_is_a_reward_spec_kind(folders):
+    assert parse_reward_spec(f"dreamsim={folders['clip_i']}@0.5") == ("dreamsim", folders["clip_i"], 0.5)

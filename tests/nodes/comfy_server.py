@@ -40,7 +40,7 @@ SLOW_MODEL_NAME = "mmr1-tiny-256"  # 256 tokens per image: long enough to interr
 CORRUPT_MODEL_NAME = "broken/corrupt-weights"
 WEIGHTLESS_MODEL_NAME = "broken/no-weights"
 TRAINED_MODEL_NAMES = ("trained/grpo-full/final", "trained/grpo-lora/final")  # written by training.grpo
-REWARD_NAMES = {"dino": "tiny-dino", "clip_t": "tiny-clip"}
+REWARD_NAMES = {"dino": "tiny-dino", "clip_t": "tiny-clip", "dreamsim": "tiny-dreamsim"}
 REFERENCE_IMAGE = "mmr1_reference.png"
 START_TIMEOUT_S = 180
 

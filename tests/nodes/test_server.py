@@ -342,6 +342,20 @@ def test_best_of_n(comfy):
     assert len(outputs["3"]["images"]) == 1  # and the grounding node previews its subject image
 
 
+def test_best_of_n_ranks_by_dreamsim(comfy):
+    """A DreamSim folder is listed by its own name (not its adapter subfolder) and ranks the images."""
+    listed = comfy.get("/object_info/MMR1LoadReward")["MMR1LoadReward"]["input"]["required"]["model"][1]["options"]
+    assert "tiny-dreamsim" in listed and not any(name.startswith("tiny-dreamsim/") for name in listed)
+    workflow = load_workflow("api/best_of_n.json")
+    workflow["5"]["inputs"].update(model="tiny-dreamsim", metric="dreamsim")
+    entry = comfy.run(workflow)
+    assert entry["status"]["status_str"] == "success", comfy.log_tail()
+    table = next(output["text"][0] for output in entry["outputs"].values()
+                 if "text" in output and "total" in output["text"][0])
+    rows = table.splitlines()
+    assert "dreamsim" in rows[0] and len(rows) == 1 + 4
+
+
 def test_control_token_strings_in_the_nodes_strings_are_text(comfy):
     """The nodes' prompts and reasoning holding every control token's string run through grounding and generation
     (tokenized as text: tests/mmr1/test_prompting.py)."""

@@ -141,3 +141,14 @@ def test_the_lora_targets_are_the_language_models_linear_modules(tiny_model):
     linear = {name.rsplit(".", 1)[-1] for name, module in tiny_model.language_model.named_modules()
               if isinstance(module, torch.nn.Linear)}
     assert linear == set(LORA_TARGETS)
+
+
+def test_help_prints_knobs_whose_help_has_a_percent_sign(capsys):
+    """argparse formats help text with %: the world pipeline's knobs say "60 %", which crashed --help."""
+    from training.world.pipeline import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "at 60 % from 6,000 of them" in help_text and "--sft_records" in help_text
