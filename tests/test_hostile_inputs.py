@@ -39,6 +39,7 @@ from PIL import Image
 import mmr1
 import mmr1.embedded
 import mmr1.errors
+import mmr1.rewards.dreamsim
 from mmr1.errors import ModelFolderError
 from mmr1.images import BACKGROUND_GREY, crop_to_mask, mask_to_array, open_image, to_rgb
 from mmr1.loading import load_model
@@ -437,7 +438,8 @@ def node_paths(tmp_path, monkeypatch):
     pack.__path__, nodes.__path__ = [str(REPO_ROOT)], [str(REPO_ROOT / "nodes")]
     for name, module in {"folder_paths": stub, "_hostile_pack": pack, "_hostile_pack.nodes": nodes,
                          "_hostile_pack.mmr1": mmr1, "_hostile_pack.mmr1.embedded": mmr1.embedded,
-                         "_hostile_pack.mmr1.errors": mmr1.errors}.items():
+                         "_hostile_pack.mmr1.errors": mmr1.errors, "_hostile_pack.mmr1.rewards": mmr1.rewards,
+                         "_hostile_pack.mmr1.rewards.dreamsim": mmr1.rewards.dreamsim}.items():
         monkeypatch.setitem(sys.modules, name, module)
     spec = importlib.util.spec_from_file_location("_hostile_pack.nodes.paths", REPO_ROOT / "nodes" / "paths.py")
     paths = importlib.util.module_from_spec(spec)

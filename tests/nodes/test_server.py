@@ -72,7 +72,8 @@ def test_every_node_is_registered(comfy):
     assert models[0] == WORKFLOW_MODEL_NAME  # the embedded model comes first
     assert {MODEL_NAME, SLOW_MODEL_NAME, CORRUPT_MODEL_NAME} <= set(models)
     rewards = info["MMR1LoadReward"]["input"]["required"]["model"][1]["options"]
-    assert rewards == [EMBEDDED_REWARD_NAME, "tiny-clip", "tiny-dino"]  # embedded first, then models/mmr1_rewards
+    # embedded first, then models/mmr1_rewards (a DreamSim folder by its own name)
+    assert rewards == [EMBEDDED_REWARD_NAME, "tiny-clip", "tiny-dino", "tiny-dreamsim"]
 
 
 def test_seed_widgets_end_at_the_samplers_largest_seed(comfy):
