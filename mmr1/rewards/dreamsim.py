@@ -51,7 +51,8 @@ def dreamsim_type(folder: Path) -> str:
         if (folder / files[0]).parent.is_dir():
             missing = [file for file in files if not (folder / file).is_file()]
             if missing:
-                raise ModelFolderError(f"DreamSim folder {folder} ({name}) is incomplete; missing: {', '.join(missing)}.")
+                raise ModelFolderError(
+                    f"DreamSim folder {folder} ({name}) is incomplete; missing: {', '.join(missing)}.")
             return name
     layouts = "; ".join(f"{name}: {', '.join(files)}" for name, files in DREAMSIM_TYPES.items())
     raise ModelFolderError(

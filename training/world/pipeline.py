@@ -91,7 +91,8 @@ class PipelineConfig:
     understanding_steps: int = knob(5000, "understanding encoder steps (batches of 64)")
     judge_steps: int = knob(2500, "judge steps (batches of 64)")
     reward_steps: int = knob(600, "reward model steps (batches of 64)")
-    sft_records: int = knob(24000, "SFT records (training subjects, two references each): about 5 epochs of the SFT steps; with 8,000 (16 epochs) the model memorised its scenes (image loss 0.94 on its records, 1.52 on new scenes of the same subjects)")
+    sft_records: int = knob(24000, "SFT records (training subjects, two references each): about 5 passes of "
+                                   "the SFT steps; 8,000, seen 16 times, were memorised")
     grpo_records: int = knob(400, "GRPO prompt records (training subjects)")
     sft_config: Path = knob(Path("sft.toml"), "SFT recipe (a file of training/world/configs/ by name, else a path); "
                                               "model, data and output_dir are set by the pipeline")
